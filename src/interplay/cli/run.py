@@ -1,0 +1,108 @@
+"""``interplay run`` (host services) and ``interplay publish`` (send one event)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from typing import Annotated
+
+import typer
+from rich.live import Live
+from rich.table import Table
+
+from ..runtime import Runtime
+from .common import BusOption, StoreOption, console, load_app, parse_json, run_async
+
+__all__ = ["register"]
+
+
+def run(
+    target: Annotated[str, typer.Argument(help="The app, as MODULE:ATTRIBUTE (e.g. examples.orders:app).")],
+    service: Annotated[
+        list[str] | None, typer.Option("--service", "-s", help="Host this service (repeatable; default: all).")
+    ] = None,
+    store: StoreOption = "sqlite:///interplay.db",
+    bus: BusOption = None,
+    orchestrator: Annotated[bool, typer.Option(help="Also run workflows in this process.")] = True,
+    lease: Annotated[
+        float, typer.Option(help="Seconds before an unacknowledged message is redelivered (visibility timeout).")
+    ] = 30.0,
+    prefetch: Annotated[int, typer.Option(help="Messages each service holds in flight at most.")] = 128,
+    log_level: Annotated[str, typer.Option(help="Logging level.")] = "WARNING",
+) -> None:
+    """Host services (and workflows) until stopped with Ctrl-C or SIGTERM."""
+    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    app = load_app(target)
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        async with app.run(
+            store=store, bus=bus, services=service, orchestrator=orchestrator, lease=lease, prefetch=prefetch
+        ) as rt:
+            hosted = ", ".join(rt.hosted) or "no services"
+            console.print(
+                f"[bold]{app.name}[/bold]: hosting {hosted}"
+                + (" + workflows" if orchestrator and app.workflows else "")
+                + f" on {rt.store.url}" + (f" via {bus}" if bus else "")
+                + f" (instance {rt.instance})",
+                highlight=False,
+            )
+            if console.is_terminal:
+                with Live(_status(rt), console=console, refresh_per_second=2) as live:
+                    while not stop.is_set():
+                        try:
+                            await asyncio.wait_for(stop.wait(), 0.5)
+                        except TimeoutError:
+                            live.update(_status(rt))
+            else:
+                await stop.wait()
+            console.print("stopping: letting handlers in flight finish...")
+        console.print("stopped")
+
+    run_async(main)
+
+
+def _status(rt: Runtime) -> Table:
+    table = Table(box=None, show_header=True)
+    table.add_column("service")
+    table.add_column("handled", justify="right")
+    table.add_column("in flight", justify="right")
+    for name, consumer in rt.consumers.items():
+        table.add_row(name, str(consumer.handled), str(len(consumer._inflight)))
+    return table
+
+
+def publish(
+    target: Annotated[str, typer.Argument(help="The app, as MODULE:ATTRIBUTE.")],
+    event: Annotated[str, typer.Argument(help="The event type, e.g. order.created.")],
+    payload: Annotated[str, typer.Argument(help="The payload as JSON.")] = "null",
+    store: StoreOption = "sqlite:///interplay.db",
+    bus: BusOption = None,
+    flow_id: Annotated[str | None, typer.Option(help="Join this flow instead of starting one.")] = None,
+    wait: Annotated[
+        float | None, typer.Option(help="Wait up to this many seconds for the flow to finish, then show it.")
+    ] = None,
+) -> None:
+    """Publish one event and print its flow id."""
+    app = load_app(target)
+    data = parse_json(payload)
+
+    async def main() -> None:
+        async with app.run(store=store, bus=bus, services=[], orchestrator=False) as rt:
+            fid = await rt.publish(event, data, flow_id=flow_id)
+            console.print(fid, highlight=False)
+            if wait is not None:
+                await rt.wait_flow(fid, timeout=wait)
+                console.print(await rt.trace(fid))
+
+    run_async(main)
+
+
+def register(app: typer.Typer) -> None:
+    """Add these commands to the main CLI."""
+    app.command()(run)
+    app.command()(publish)

@@ -1,0 +1,339 @@
+"""The consumer of one service: receive, run the handler, settle - effectively once.
+
+For each delivery: skip it if the service's inbox already has its id (re-sending a
+command's stored reply); dead-letter it if it is not an envelope, has no handler or
+its payload does not validate; otherwise run the handler. The outcome - inbox mark,
+span, emitted messages, or the retry / dead letter - is committed in one store
+transaction (group-committed with other deliveries'); on a broker the ack follows
+that commit, on the store bus the ack is part of it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+import orjson
+
+from .context import Context
+from .errors import Reject, StoreError, TransportError, ValidationFailed
+from .message import Message, new_id
+from .payloads import to_json
+from .service import Failure, Handler, Service
+from .stores.records import DeadLetter, Outgoing, Settlement, SpanRecord
+from .transports.base import Delivery, Subscription
+
+if TYPE_CHECKING:
+    from .runtime import Runtime
+
+__all__ = ["Consumer", "reply_body"]
+
+log = logging.getLogger("interplay.dispatch")
+
+
+def reply_body(ok: bool, value: Any) -> dict[str, Any]:
+    """The payload of a command's reply: ``{"ok": true, "result": ...}`` or an error."""
+    return {"ok": True, "result": value} if ok else {"ok": False, "error": value}
+
+
+class Consumer:
+    """Runs one service's handlers on its group's deliveries."""
+
+    def __init__(self, runtime: Runtime, service: Service) -> None:
+        self.rt = runtime
+        self.service = service
+        self.group = service.name
+        self.sub: Subscription | None = None
+        self._inflight: dict[asyncio.Task[None], tuple[Delivery, float]] = {}
+        self._room = asyncio.Event()
+        self._stopping = False
+        self._tasks: list[asyncio.Task[None]] = []
+        self._limits: dict[str, asyncio.Semaphore] = {}
+        self._running: dict[str, asyncio.Event] = {}  # message id -> done, for in-flight duplicates
+        self.handled = 0
+
+    async def start(self) -> None:
+        """Subscribe and start receiving."""
+        opts = self.rt.options
+        routes = self.rt.app.topology.routes[self.group]
+        self.sub = await self.rt.transport.subscribe(self.group, routes, lease=opts.lease)
+        loop = asyncio.get_running_loop()
+        self._tasks = [
+            loop.create_task(self._receive_loop(), name=f"interplay-consume-{self.group}"),
+            loop.create_task(self._heartbeat_loop(), name=f"interplay-heartbeat-{self.group}"),
+        ]
+
+    async def stop(self, grace: float) -> None:
+        """Stop receiving, let handlers in flight finish for up to ``grace`` seconds."""
+        self._stopping = True
+        self._room.set()
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._inflight:
+            _, pending = await asyncio.wait(list(self._inflight), timeout=grace)
+            for task in pending:
+                task.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
+        if self.sub is not None:
+            await self.sub.close()
+
+    # ------------------------------------------------------------------ loops
+    async def _receive_loop(self) -> None:
+        opts = self.rt.options
+        assert self.sub is not None
+        failures = 0
+        while not self._stopping:
+            room = opts.prefetch - len(self._inflight)
+            if room <= 0:
+                self._room.clear()
+                await self._room.wait()
+                continue
+            try:
+                deliveries = await self.sub.receive(room, opts.receive_timeout)
+                if deliveries and not self.rt.transport.store_bound:
+                    await self._mark_duplicates(deliveries)
+                failures = 0
+            except (TransportError, StoreError) as exc:
+                failures += 1
+                delay = min(5.0, 0.05 * 2**failures)
+                log.warning("%s: receive failed (%s); retrying in %.2fs", self.group, exc, delay)
+                await asyncio.sleep(delay)
+                continue
+            now = self.rt.clock.now()
+            for d in deliveries:
+                task = asyncio.get_running_loop().create_task(self._handle_safely(d))
+                self._inflight[task] = (d, now)
+                task.add_done_callback(self._done)
+
+    def _done(self, task: asyncio.Task[None]) -> None:
+        self._inflight.pop(task, None)
+        self._room.set()
+
+    async def _heartbeat_loop(self) -> None:
+        lease = self.rt.options.lease
+        assert self.sub is not None
+        while not self._stopping:
+            await asyncio.sleep(lease / 3)
+            cutoff = self.rt.clock.now() - lease / 3
+            long_running = [d for d, started in self._inflight.values() if started <= cutoff]
+            if long_running:
+                try:
+                    await self.sub.extend(long_running, lease)
+                except Exception as exc:  # a missed heartbeat only risks a fenced duplicate
+                    log.warning("%s: lease heartbeat failed: %s", self.group, exc)
+
+    async def _mark_duplicates(self, deliveries: Sequence[Delivery]) -> None:
+        ids = [d.message.id for d in deliveries if d.message is not None]
+        seen = await self.rt.store.inbox_seen(self.group, ids)
+        for d in deliveries:
+            if d.message is not None and d.message.id in seen:
+                d.duplicate = True
+                d.stored_reply = seen[d.message.id]
+
+    # ------------------------------------------------------------------ handling
+    async def _handle_safely(self, d: Delivery) -> None:
+        msg_id = d.message.id if d.message is not None else None
+        done: asyncio.Event | None = None
+        if msg_id is not None and not d.duplicate:
+            running = self._running.get(msg_id)
+            if running is not None:
+                # The same message is being handled right now (a duplicate delivery):
+                # wait for that handling, then ask the inbox instead of running it twice.
+                await running.wait()
+                await self._mark_duplicates([d])
+            else:
+                done = self._running[msg_id] = asyncio.Event()
+        try:
+            await self._handle(d)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            # Settling failed (store down?): leave the delivery unacked so it comes back.
+            log.exception("%s: could not settle message; it will be redelivered", self.group)
+        finally:
+            if done is not None:
+                del self._running[msg_id]  # type: ignore[arg-type]
+                done.set()
+
+    async def _handle(self, d: Delivery) -> None:
+        msg = d.message
+        started = self.rt.clock.now()
+        if msg is None:
+            await self._dead_invalid(d, started)
+            return
+        if d.duplicate:
+            emits = []
+            if msg.kind == "command" and d.stored_reply is not None:
+                reply = self._reply(msg, orjson.loads(d.stored_reply))
+                if reply is not None:
+                    emits.append(reply)
+            await self._settle(d, Settlement(self.group, msg.id, msg.flow_id, "duplicate"), emits)
+            return
+        handler = self._handler_for(msg)
+        if handler is None:
+            what = f"{msg.kind} {msg.type!r}"
+            err = f"service {self.group!r} has no handler for {what}"
+            await self._fail(d, msg, None, "no_handler", "NoHandler", err, started)
+            return
+        try:
+            payload = handler.payload.validate(msg.payload)
+        except ValidationFailed as exc:
+            await self._fail(d, msg, handler, "invalid_payload", "ValidationFailed", str(exc), started)
+            return
+        ctx = Context(msg, self.group, d.deliveries)
+        try:
+            result = await self._call(handler, payload, ctx)
+        except Reject as exc:
+            await self._fail(d, msg, handler, "rejected", "Reject", str(exc), started)
+            return
+        except Exception as exc:
+            if d.deliveries < handler.retry.attempts:
+                await self._retry(d, msg, handler, exc, started)
+            else:
+                await self._fail(d, msg, handler, "retries_exhausted", type(exc).__name__, str(exc), started)
+            return
+        emits = ctx.emitted
+        if handler.emits is not None and result is not None:
+            emits.append(msg.caused(handler.emits, to_json(result), source=self.group))
+        stored_reply = None
+        if handler.kind == "command":
+            body = reply_body(True, to_json(result))
+            stored_reply = orjson.dumps(body)
+            reply = self._reply(msg, body)
+            if reply is not None:
+                emits.append(reply)
+        settlement = Settlement(
+            self.group, msg.id, msg.flow_id, "ok", inbox=True, reply=stored_reply,
+            span=self._span(msg, handler, started, "ok", None, d.deliveries),
+        )
+        await self._settle(d, settlement, emits)
+
+    async def _call(self, handler: Handler, payload: Any, ctx: Context) -> Any:
+        kwargs: dict[str, Any] = {}
+        if handler.payload_param is not None:
+            kwargs[handler.payload_param] = payload
+        if handler.ctx_param is not None:
+            kwargs[handler.ctx_param] = ctx
+        limit = self._limit(handler)
+        if limit is None:
+            return await handler.fn(**kwargs) if handler.is_async else await asyncio.to_thread(handler.fn, **kwargs)
+        async with limit:
+            return await handler.fn(**kwargs) if handler.is_async else await asyncio.to_thread(handler.fn, **kwargs)
+
+    def _limit(self, handler: Handler) -> asyncio.Semaphore | None:
+        if handler.concurrency is None:
+            return None
+        sem = self._limits.get(handler.topic)
+        if sem is None:
+            sem = self._limits[handler.topic] = asyncio.Semaphore(handler.concurrency)
+        return sem
+
+    def _handler_for(self, msg: Message) -> Handler | None:
+        if msg.kind == "event":
+            return self.service.events.get(msg.type)
+        if msg.kind == "command":
+            svc, _, cmd = msg.type.partition(".")
+            return self.service.commands.get(cmd) if svc == self.group else None
+        return None
+
+    async def _retry(self, d: Delivery, msg: Message, handler: Handler, exc: Exception, started: float) -> None:
+        delay = handler.retry.delay(d.deliveries)
+        error = f"{type(exc).__name__}: {exc}"
+        log.info("%s: %s failed (attempt %d), retrying in %.2fs: %s", self.group, msg.type, d.deliveries, delay, error)
+        settlement = Settlement(
+            self.group, msg.id, msg.flow_id, "retry",
+            span=self._span(msg, handler, started, "retry", error, d.deliveries),
+            retry_at=self.rt.clock.now() + delay,
+        )
+        await self._settle(d, settlement, [], retry_delay=delay)
+
+    async def _fail(
+        self,
+        d: Delivery,
+        msg: Message,
+        handler: Handler | None,
+        reason: str,
+        error_type: str,
+        error: str,
+        started: float,
+    ) -> None:
+        """Fail a message for good: DLQ, ``on_error`` event or error reply, span."""
+        failure = Failure(
+            event=msg.type, service=self.group, handler=handler.name if handler else "",
+            error_type=error_type, error=error, attempts=d.deliveries, payload=msg.payload,
+            message_id=msg.id,
+        )
+        log.warning("%s: %s %s dead-lettered (%s): %s", self.group, msg.kind, msg.type, reason, error)
+        emits: list[Message] = []
+        stored_reply = None
+        failure_json = failure.model_dump(mode="json")
+        if handler is not None and handler.kind == "event" and handler.on_error:
+            emits.append(msg.caused(handler.on_error, failure_json, source=self.group))
+        if msg.kind == "command":
+            body = reply_body(False, failure_json)
+            stored_reply = orjson.dumps(body)
+            reply = self._reply(msg, body)
+            if reply is not None:
+                emits.append(reply)
+        outcome = {"rejected": "rejected", "invalid_payload": "invalid", "no_handler": "invalid"}.get(reason, "dead")
+        settlement = Settlement(
+            self.group, msg.id, msg.flow_id, "dead", inbox=True, reply=stored_reply,
+            span=self._span(msg, handler, started, outcome, f"{error_type}: {error}", d.deliveries),
+            dead=DeadLetter(
+                msg_id=msg.id, group=self.group, route=d.route or "", type=msg.type, flow_id=msg.flow_id,
+                body=d.body, reason=reason, error=f"{error_type}: {error}", attempts=d.deliveries,
+            ),
+        )
+        await self._settle(d, settlement, emits)
+
+    async def _dead_invalid(self, d: Delivery, started: float) -> None:
+        log.warning("%s: undecodable message dead-lettered: %s", self.group, d.error)
+        settlement = Settlement(
+            self.group, "", None, "dead",
+            dead=DeadLetter(
+                msg_id="invalid-" + new_id(), group=self.group, route=d.route or "", type="(invalid)",
+                flow_id=None, body=d.body, reason="invalid_envelope", error=d.error, attempts=d.deliveries,
+            ),
+        )
+        await self._settle(d, settlement, [])
+
+    def _reply(self, command: Message, body: Any) -> Message | None:
+        reply_to = command.headers.get("reply_to")
+        if not reply_to:
+            return None
+        return command.caused(command.type, body, kind="reply", source=self.group, headers={"reply_to": reply_to})
+
+    def _span(
+        self, msg: Message, handler: Handler | None, started: float, outcome: str, error: str | None, attempt: int
+    ) -> SpanRecord:
+        return SpanRecord(
+            flow_id=msg.flow_id, msg_id=msg.id, service=self.group, handler=handler.name if handler else None,
+            type=msg.type, started=started, ended=self.rt.clock.now(), outcome=outcome, error=error,
+            attempt=attempt,
+        )
+
+    async def _settle(
+        self, d: Delivery, settlement: Settlement, emits: list[Message], *, retry_delay: float = 0.0
+    ) -> None:
+        rt = self.rt
+        settlement.queue_id, settlement.lease = d.queue_id, d.lease
+        topology = rt.app.topology
+        outgoing: list[Outgoing] = [topology.outgoing(m) for m in emits]
+        settlement.emits = outgoing
+        result, outbox_ids = await rt.store.settle(settlement, rt.clock.now(), rt.delivery_mode)
+        if result == "stale":
+            log.info("%s: lease on %s lost before commit; another consumer owns it", self.group, settlement.msg_id)
+            return
+        self.handled += 1
+        if rt.transport.store_bound:
+            return
+        assert self.sub is not None
+        if settlement.outcome == "retry":
+            await self.sub.nack(d, retry_delay)
+            return
+        if (outgoing and result != "duplicate") or settlement.outcome == "duplicate":
+            await rt.relay(outgoing, outbox_ids)
+        await self.sub.ack([d])

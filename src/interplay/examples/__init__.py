@@ -1,0 +1,1 @@
+"""Example systems shipped with interplay (also used by ``interplay demo``)."""

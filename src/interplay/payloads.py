@@ -1,0 +1,81 @@
+"""Payloads: validating what arrives against an annotation, and turning values into JSON.
+
+pydantic does both, for every kind of annotation a handler may use: a model, a
+dataclass, a TypedDict, ``dict``, a primitive, or none at all (anything JSON).
+"""
+
+from __future__ import annotations
+
+import inspect
+from functools import lru_cache
+from typing import Any
+
+import pydantic
+import pydantic_core
+
+from .errors import ValidationFailed
+
+__all__ = ["PayloadType", "describe_validation_error", "to_json"]
+
+
+class PayloadType:
+    """Validates incoming payload data against one annotation (cached adapter)."""
+
+    __slots__ = ("_adapter", "annotation")
+
+    def __init__(self, annotation: Any) -> None:
+        self.annotation = annotation
+        self._adapter: pydantic.TypeAdapter[Any] | None = (
+            None if annotation in (inspect.Parameter.empty, Any) else _adapter(annotation)
+        )
+
+    def validate(self, data: Any) -> Any:
+        """Return ``data`` as the annotated type.
+
+        Raises:
+            ValidationFailed: naming each field that is wrong and why.
+        """
+        if self._adapter is None:
+            return data
+        try:
+            return self._adapter.validate_python(data)
+        except pydantic.ValidationError as exc:
+            raise ValidationFailed(describe_validation_error(exc, self.annotation)) from None
+
+    def schema(self) -> dict[str, Any]:
+        """The JSON Schema of this payload type ({} when it accepts anything)."""
+        return {} if self._adapter is None else self._adapter.json_schema()
+
+
+def _adapter(annotation: Any) -> pydantic.TypeAdapter[Any]:
+    try:
+        return _cached_adapter(annotation)
+    except TypeError:  # an unhashable annotation (e.g. Annotated with a list in it)
+        return pydantic.TypeAdapter(annotation)
+
+
+@lru_cache(maxsize=512)
+def _cached_adapter(annotation: Any) -> pydantic.TypeAdapter[Any]:
+    return pydantic.TypeAdapter(annotation)
+
+
+def describe_validation_error(exc: pydantic.ValidationError, annotation: Any) -> str:
+    """A one-line summary of a pydantic error: ``Order: id: Field required; ...``."""
+    name = getattr(annotation, "__name__", None) or repr(annotation)
+    parts = []
+    for err in exc.errors(include_url=False):
+        where = ".".join(str(p) for p in err["loc"]) or "(payload)"
+        parts.append(f"{where}: {err['msg']}")
+    return f"{name}: " + "; ".join(parts)
+
+
+def to_json(value: Any) -> Any:
+    """Turn a payload (model, dataclass, primitives, ...) into plain JSON data."""
+    if value is None or type(value) in (str, int, float, bool):
+        return value
+    if isinstance(value, pydantic.BaseModel):
+        return value.model_dump(mode="json")
+    try:
+        return pydantic_core.to_jsonable_python(value)
+    except pydantic_core.PydanticSerializationError as exc:
+        raise ValidationFailed(f"payload of type {type(value).__name__} is not JSON-serializable: {exc}") from None

@@ -1,0 +1,352 @@
+"""The Runtime: one running process of an app - its consumers, engine and clients.
+
+``async with app.run(store=..., bus=...) as rt:`` opens the store and the bus,
+declares every service's routes (so messages queue even for services not running
+yet), starts a consumer for each hosted service and, if asked, the workflow engine.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from types import TracebackType
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from .clock import Clock, SystemClock
+from .dispatch import Consumer
+from .errors import ConfigurationError, NotFound, StoreError, TransportError
+from .message import Message, new_id
+from .payloads import to_json
+from .service import check_name
+from .stores import open_store
+from .stores.base import Store
+from .stores.messaging import Delivery as DeliveryMode
+from .stores.records import DeadLetterRecord, Outgoing
+from .tracing.flows import Flow, FlowSummary
+from .transports import open_transport
+from .transports.base import Transport
+
+if TYPE_CHECKING:
+    from .app import App
+
+__all__ = ["Runtime", "RuntimeOptions"]
+
+T = TypeVar("T")
+log = logging.getLogger("interplay.runtime")
+
+DEFAULT_STORE = "sqlite:///interplay.db"
+
+
+@dataclass(frozen=True, slots=True)
+class RuntimeOptions:
+    """Tuning of a runtime; the defaults suit most services."""
+
+    prefetch: int = 128
+    """Messages a service's consumer holds at once (in flight, across its handlers)."""
+    lease: float = 30.0
+    """Visibility timeout: an unacked message is redelivered after this many seconds.
+    Handlers running longer keep their lease by heartbeat."""
+    receive_timeout: float = 1.0
+    """How long one receive call waits for messages."""
+    shutdown_grace: float = 10.0
+    """Seconds handlers in flight may finish when the runtime stops."""
+    inbox_retention: float = 7 * 24 * 3600.0
+    """Seconds a handled message id is remembered for de-duplication. Must exceed the
+    longest redelivery horizon of the bus."""
+    trace_retention: float = 7 * 24 * 3600.0
+    """Seconds finished flows' traces are kept."""
+    purge_interval: float = 600.0
+    """Seconds between retention sweeps."""
+    outbox_relay_interval: float = 1.0
+    """Seconds between sweeps for outbox rows left behind (broker buses only)."""
+    outbox_grace: float = 5.0
+    """Outbox rows younger than this are left to the process that wrote them."""
+    source: str = "client"
+    """The ``source`` of messages published through ``rt.publish``."""
+
+
+class Runtime:
+    """A running interplay process. Make it with :meth:`App.run`.
+
+    Attributes:
+        app: the app.
+        store: the open store.
+        transport: the open bus.
+        clock: the clock.
+        instance: this process's unique id (its reply route and lease owner name).
+    """
+
+    def __init__(
+        self,
+        app: App,
+        *,
+        bus: str | Transport | None,
+        store: str | Store | None,
+        services: Sequence[str] | None,
+        orchestrator: bool,
+        clock: Clock | None,
+        options: RuntimeOptions,
+    ) -> None:
+        self.app = app
+        self.options = options
+        self.clock: Clock = clock or SystemClock()
+        self.instance = f"{socket.gethostname()}-{os.getpid()}-{new_id()[-12:]}"
+        store_url = store if store is not None else os.environ.get("INTERPLAY_STORE") or DEFAULT_STORE
+        self.store: Store = open_store(store_url) if isinstance(store_url, str) else store_url
+        bus_url = bus if bus is not None else os.environ.get("INTERPLAY_BUS") or None
+        self.transport: Transport = (
+            bus_url if isinstance(bus_url, Transport) else open_transport(bus_url, self.store)
+        )
+        unknown = set(services or ()) - set(app.services)
+        if unknown:
+            raise ConfigurationError(f"unknown service(s) {sorted(unknown)}; the app has {sorted(app.services)}")
+        self.hosted = list(services) if services is not None else list(app.services)
+        self.orchestrator = orchestrator
+        self.consumers: dict[str, Consumer] = {}
+        self._background: list[asyncio.Task[None]] = []
+        self._running = False
+        self._owns_store = not isinstance(store, Store)
+        self._owns_transport = not isinstance(bus, Transport)
+
+    @property
+    def delivery_mode(self) -> DeliveryMode:
+        """Where published messages go inside a store transaction."""
+        if self.transport.store_bound:
+            return "queue"
+        return "outbox" if self.transport.durable and self.store.durable else "direct"
+
+    # ------------------------------------------------------------------ lifecycle
+    async def __aenter__(self) -> Runtime:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.stop()
+
+    async def start(self) -> None:
+        """Open the store and bus, declare routes, start consumers and background work."""
+        if self._running:
+            return
+        await self.store.open()
+        try:
+            await self.transport.open(self.clock)
+            topology = self.app.topology
+            for name in self.app.services:
+                await self.transport.declare(name, topology.routes[name])
+            for name in self.hosted:
+                consumer = Consumer(self, self.app.services[name])
+                await consumer.start()
+                self.consumers[name] = consumer
+            loop = asyncio.get_running_loop()
+            self._background.append(loop.create_task(self._purge_loop(), name="interplay-purge"))
+            if self.delivery_mode == "outbox":
+                self._background.append(loop.create_task(self._relay_loop(), name="interplay-outbox"))
+        except BaseException:
+            await self._close_backends()
+            raise
+        self._running = True
+
+    async def stop(self) -> None:
+        """Stop consumers (letting handlers finish), background work, bus and store."""
+        if not self._running:
+            return
+        self._running = False
+        for consumer in self.consumers.values():
+            await consumer.stop(self.options.shutdown_grace)
+        for task in self._background:
+            task.cancel()
+        await asyncio.gather(*self._background, return_exceptions=True)
+        self._background.clear()
+        await self._close_backends()
+
+    async def _close_backends(self) -> None:
+        if self._owns_transport:
+            await self.transport.close()
+        if self._owns_store:
+            await self.store.close()
+
+    # ------------------------------------------------------------------ publishing
+    async def publish(
+        self,
+        event: str,
+        payload: Any = None,
+        *,
+        flow_id: str | None = None,
+        id: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> str:
+        """Publish an event; returns its flow's id.
+
+        Args:
+            event: the event type.
+            payload: a model, dataclass, dict or primitive (sent as JSON).
+            flow_id: join this existing flow instead of starting a new one.
+            id: the message id (for idempotent re-publishing); default a new UUIDv7.
+            headers: extra string headers.
+        """
+        check_name("event", event)
+        msg = Message(
+            type=event, payload=to_json(payload), kind="event", id=id or new_id(),
+            flow_id=flow_id or "", source=self.options.source, headers=dict(headers or {}),
+        )
+        now = self.clock.now()
+        topology = self.app.topology
+        start = topology.flow_start(msg, now) if flow_id is None else None
+        await self.send([topology.outgoing(msg, flow_start=start)])
+        return msg.flow_id
+
+    async def send(self, outgoing: Sequence[Outgoing]) -> None:
+        """Commit messages (trace + queue or outbox) and hand them to the bus."""
+        ids = await self.store.publish(outgoing, self.clock.now(), self.delivery_mode)
+        if not self.transport.store_bound:
+            await self.relay(outgoing, ids, raise_errors=self.delivery_mode == "direct")
+
+    async def relay(
+        self, outgoing: Sequence[Outgoing], outbox_ids: Sequence[int], *, raise_errors: bool = False
+    ) -> None:
+        """Publish committed messages to the bus, then forget their outbox rows.
+
+        If the bus fails, the rows stay in the outbox and the relay loop retries them
+        (with the same message ids, so consumers de-duplicate).
+        """
+        if not outgoing:
+            return
+        try:
+            await self.transport.publish(outgoing)
+        except TransportError as exc:
+            if raise_errors or not outbox_ids:
+                raise
+            log.warning("publish failed (%s); %d message(s) stay in the outbox for retry", exc, len(outbox_ids))
+            return
+        if outbox_ids:
+            await self.store.outbox_done(outbox_ids)
+
+    async def _relay_loop(self) -> None:
+        from .message import Message as _M
+
+        while True:
+            await asyncio.sleep(self.options.outbox_relay_interval)
+            try:
+                rows = await self.store.outbox_pending(self.clock.now() - self.options.outbox_grace)
+                if not rows:
+                    continue
+                batch = []
+                for _, route, body in rows:
+                    msg = _M.decode(body)
+                    batch.append(Outgoing(message=msg, route=route, body=body))
+                await self.transport.publish(batch)
+                await self.store.outbox_done([row[0] for row in rows])
+                log.info("relayed %d message(s) left in the outbox", len(rows))
+            except (TransportError, StoreError) as exc:
+                log.warning("outbox relay failed: %s", exc)
+
+    async def _purge_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.options.purge_interval)
+            now = self.clock.now()
+            try:
+                await self.store.purge(now - self.options.inbox_retention, now - self.options.trace_retention)
+            except StoreError as exc:
+                log.warning("retention sweep failed: %s", exc)
+
+    # ------------------------------------------------------------------ observing
+    async def trace(self, flow_id: str) -> Flow:
+        """The flow's causation tree with timings and status.
+
+        Raises:
+            NotFound: no flow has that id.
+        """
+        row = await self.store.flow(flow_id, self.clock.now())
+        messages, spans = await self.store.flow_records(flow_id)
+        if row is None:
+            if not messages:
+                raise NotFound(f"no flow with id {flow_id!r}")
+            first = messages[0]
+            summary = FlowSummary(flow_id, first.type, "flow", "running", first.time, None, 0, 0, messages[-1].type)
+        else:
+            summary = FlowSummary.from_row(row)
+        return Flow(summary, messages, spans)
+
+    async def flows(
+        self, *, status: str | None = None, name: str | None = None, limit: int = 50, since: float | None = None
+    ) -> list[FlowSummary]:
+        """Flows, newest first; ``status`` is one of running, completed, failed, stuck, ..."""
+        rows = await self.store.flows(self.clock.now(), status=status, name=name, limit=limit, since=since)
+        return [FlowSummary.from_row(r) for r in rows]
+
+    async def wait_flow(self, flow_id: str, timeout: float = 10.0) -> FlowSummary:
+        """Wait until a flow is done (completed, failed, ...); returns its summary.
+
+        Raises:
+            TimeoutError: it is still running after ``timeout`` seconds.
+        """
+        last = "unknown"
+
+        async def done() -> FlowSummary | None:
+            nonlocal last
+            row = await self.store.flow(flow_id, self.clock.now())
+            if row is None:
+                return None
+            last = row.status
+            summary = FlowSummary.from_row(row)
+            return summary if summary.done else None
+
+        return await _poll(done, timeout, lambda: f"flow {flow_id} not done after {timeout}s (status: {last})")
+
+    async def settled(self, timeout: float = 30.0) -> None:
+        """Wait until no flow has deliveries pending (everything published got handled).
+
+        Raises:
+            TimeoutError: work is still pending after ``timeout`` seconds.
+        """
+        pending = 0
+
+        async def quiet() -> bool | None:
+            nonlocal pending
+            pending = await self.store.read(lambda tx: tx.one("SELECT COUNT(*) FROM ip_flows WHERE pending > 0")[0])
+            return True if pending == 0 else None
+
+        await _poll(quiet, timeout, lambda: f"{pending} flow(s) still have pending deliveries after {timeout}s")
+
+    # ------------------------------------------------------------------ dead letters
+    async def dlq(self, limit: int = 50, *, service: str | None = None) -> list[DeadLetterRecord]:
+        """Dead letters, newest first."""
+        return await self.store.dlq_list(limit, group=service)
+
+    async def replay(self, ids: Sequence[int]) -> list[DeadLetterRecord]:
+        """Send dead letters back to the service that failed them, keeping their ids."""
+        requeue = self.transport.store_bound
+        taken = await self.store.dlq_replay(ids, self.clock.now(), requeue=requeue)
+        if not requeue:
+            for i, d in enumerate(taken):
+                try:
+                    await self.transport.publish_to_group(d.group, d.route, d.body)
+                except TransportError:
+                    await self.store.dlq_restore(taken[i:], self.clock.now())
+                    raise
+        return taken
+
+    async def drop(self, ids: Sequence[int]) -> int:
+        """Delete dead letters for good."""
+        return await self.store.dlq_drop(ids)
+
+
+async def _poll(probe: Callable[[], Awaitable[T | None]], timeout: float, describe: Callable[[], str]) -> T:
+    """Call ``probe`` with growing pauses until it returns something; TimeoutError after ``timeout``."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    delay = 0.005
+    while True:
+        result = await probe()
+        if result is not None:
+            return result
+        if loop.time() >= deadline:
+            raise TimeoutError(describe())
+        await asyncio.sleep(delay)
+        delay = min(delay * 2, 0.1)

@@ -1,0 +1,402 @@
+"""The Store: interplay's durable state, and the group commit that keeps it fast.
+
+A store is a SQL database reached through a synchronous DB-API driver. All writes
+go through one writer connection on one thread: callers hand it *ops* (functions of a
+:class:`Tx`) and every op that arrives while a transaction is committing joins the
+next one. So a hundred handlers finishing at once cost one fsync, not a hundred, and
+each op still commits atomically (an op that fails is retried alone, so it cannot take
+its neighbours down). Reads use a second connection, so traces and listings never wait
+for the writer.
+
+Dialects (``sqlite.py``, ``postgres.py``) hold only what differs: connecting, the DDL
+types, the placeholder style and how to lock rows; every statement lives here or in
+the op modules, written once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, ClassVar, TypeVar
+
+from ..errors import SchemaVersionError, StoreError
+from . import messaging, traces
+from .records import (
+    ClaimedRow,
+    DeadLetterRecord,
+    FlowRow,
+    MessageRow,
+    Outgoing,
+    Settlement,
+    SpanRecord,
+)
+from .schema import MIGRATIONS, SCHEMA_VERSION
+from .tx import Tx
+
+__all__ = ["Store", "Tx"]
+
+T = TypeVar("T")
+log = logging.getLogger("interplay.store")
+
+MAX_BATCH = 1000
+"""Ops per transaction; more wait for the next one (bounds commit latency)."""
+
+
+class Store(ABC):
+    """Base of the SQL stores. Subclasses provide the dialect hooks below.
+
+    Attributes:
+        url: the URL it was opened with (credentials removed).
+        durable: whether a commit survives the process (False for ``memory://``).
+    """
+
+    dialect: ClassVar[str]
+    CLAIM_SQL: ClassVar[str]
+    """Leases ready queue rows: params (visible_until, lease, group, now, limit)."""
+    durable: bool = True
+    supports_bus: bool = True
+    """Whether the store can also be the bus (its queue table)."""
+
+    def __init__(self, url: str) -> None:
+        self.url = _redact(url)
+        self._pending: list[tuple[Callable[[Tx], Any], asyncio.Future[Any]]] = []
+        self._flush_task: asyncio.Task[None] | None = None
+        self._listeners: list[Callable[[set[str]], None]] = []
+        self._writer: Any = None
+        self._reader: Any = None
+        self._wexec: ThreadPoolExecutor | None = None
+        self._rexec: ThreadPoolExecutor | None = None
+        self._sql_cache: dict[str, str] = {}
+        self._opened = False
+        self._closed = False
+
+    # ------------------------------------------------------------------ dialect hooks
+    @abstractmethod
+    def _connect(self, role: str) -> Any:
+        """Open a DB-API connection for ``writer`` or ``reader`` (runs on its thread)."""
+
+    @abstractmethod
+    def _ddl_types(self) -> dict[str, str]:
+        """Fill-ins for the DDL templates: serial, blob, real, no_rowid."""
+
+    @abstractmethod
+    def _begin(self, cur: Any) -> None:
+        """Start a write transaction (taking the write lock where that matters)."""
+
+    @property
+    def _error_types(self) -> tuple[type[BaseException], ...]:
+        """Driver exceptions translated to StoreError."""
+        return ()
+
+    def _paramstyle(self, sql: str) -> str:
+        return sql
+
+    def _share_reader(self) -> bool:
+        """True when reads must use the writer's connection (an in-memory database)."""
+        return False
+
+    # ------------------------------------------------------------------ lifecycle
+    async def open(self) -> None:
+        """Connect and create or upgrade the schema."""
+        if self._opened:
+            return
+        self._wexec = ThreadPoolExecutor(1, thread_name_prefix=f"interplay-{self.dialect}-writer")
+        loop = asyncio.get_running_loop()
+        try:
+            self._writer = await loop.run_in_executor(self._wexec, self._connect, "writer")
+            await loop.run_in_executor(self._wexec, self._migrate)
+            if self._share_reader():
+                self._rexec, self._reader = self._wexec, self._writer
+            else:
+                self._rexec = ThreadPoolExecutor(1, thread_name_prefix=f"interplay-{self.dialect}-reader")
+                self._reader = await loop.run_in_executor(self._rexec, self._connect, "reader")
+        except self._error_types as exc:
+            self._shutdown_threads()
+            raise StoreError(f"cannot open store {self.url}: {exc}") from exc
+        except BaseException:
+            self._shutdown_threads()
+            raise
+        self._opened = True
+
+    async def close(self) -> None:
+        """Finish pending writes and disconnect."""
+        if self._closed or not self._opened:
+            return
+        if self._flush_task is not None:
+            await asyncio.shield(self._flush_task)
+        self._closed = True
+        loop = asyncio.get_running_loop()
+        if self._reader is not None and self._reader is not self._writer:
+            await loop.run_in_executor(self._rexec, _close_quietly, self._reader)
+        if self._writer is not None:
+            await loop.run_in_executor(self._wexec, _close_quietly, self._writer)
+        self._shutdown_threads()
+
+    def _shutdown_threads(self) -> None:
+        for ex in {self._rexec, self._wexec} - {None}:
+            assert ex is not None
+            ex.shutdown(wait=True)
+
+    async def __aenter__(self) -> Store:
+        await self.open()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    def add_commit_listener(self, listener: Callable[[set[str]], None]) -> None:
+        """Call ``listener(routes)`` on the event loop after commits that queued rows."""
+        self._listeners.append(listener)
+
+    # ------------------------------------------------------------------ mechanics
+    async def write(self, op: Callable[[Tx], T]) -> T:
+        """Run ``op`` in a write transaction, group-committed with concurrent ops."""
+        if not self._opened or self._closed:
+            raise StoreError(f"store {self.url} is not open")
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[T] = loop.create_future()
+        self._pending.append((op, fut))
+        if self._flush_task is None:
+            self._flush_task = loop.create_task(self._flush())
+        return await fut
+
+    async def read(self, fn: Callable[[Tx], T]) -> T:
+        """Run ``fn`` on the reader connection, in one consistent snapshot."""
+        if not self._opened or self._closed:
+            raise StoreError(f"store {self.url} is not open")
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._rexec, self._run_read, fn)
+
+    def _run_read(self, fn: Callable[[Tx], T]) -> T:
+        conn = self._reader
+        cur = conn.cursor()
+        try:
+            cur.execute("BEGIN")
+            try:
+                return fn(Tx(cur, self._convert))
+            finally:
+                cur.execute("ROLLBACK")
+        except self._error_types as exc:
+            raise StoreError(f"store read failed: {exc}") from exc
+        finally:
+            cur.close()
+
+    async def _flush(self) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            while self._pending:
+                batch, self._pending = self._pending[:MAX_BATCH], self._pending[MAX_BATCH:]
+                try:
+                    results, routes = await loop.run_in_executor(
+                        self._wexec, self._apply, [op for op, _ in batch]
+                    )
+                except BaseException as exc:  # the thread itself failed (shut down, ...)
+                    err = exc if isinstance(exc, Exception) else StoreError("store writer stopped")
+                    for _, fut in batch:
+                        if not fut.done():
+                            fut.set_exception(err)
+                    raise
+                for (_, fut), result in zip(batch, results, strict=True):
+                    if fut.done():
+                        continue
+                    if isinstance(result, _Failed):
+                        fut.set_exception(result.error)
+                    else:
+                        fut.set_result(result)
+                if routes:
+                    for listener in self._listeners:
+                        listener(routes)
+        finally:
+            self._flush_task = None
+
+    def _apply(self, ops: list[Callable[[Tx], Any]]) -> tuple[list[Any], set[str]]:
+        cur = self._writer.cursor()
+        tx = Tx(cur, self._convert)
+        try:
+            self._begin(cur)
+            results = [op(tx) for op in ops]
+            cur.execute("COMMIT")
+            return results, tx.routes
+        except Exception as exc:
+            try:
+                cur.execute("ROLLBACK")
+            except Exception:  # the connection may be gone; reconnect below
+                self._reconnect_writer()
+            if len(ops) == 1:
+                return [_Failed(self._translate(exc))], set()
+            # One op failed: apply each alone, so only the culprit fails.
+            results, routes = [], set()
+            for op in ops:
+                single, single_routes = self._apply([op])
+                results.extend(single)
+                routes |= single_routes
+            return results, routes
+        finally:
+            cur.close()
+
+    def _reconnect_writer(self) -> None:
+        _close_quietly(self._writer)
+        try:
+            self._writer = self._connect("writer")
+        except Exception as exc:  # the database is down; the next op fails with it
+            log.warning("store %s: reconnect failed: %s", self.url, exc)
+
+    def _translate(self, exc: Exception) -> Exception:
+        if isinstance(exc, self._error_types):
+            err = StoreError(f"store write failed: {exc}")
+            err.__cause__ = exc
+            return err
+        return exc
+
+    def _convert(self, sql: str) -> str:
+        converted = self._sql_cache.get(sql)
+        if converted is None:
+            converted = self._sql_cache[sql] = self._paramstyle(sql)
+        return converted
+
+    def _migrate(self) -> None:
+        cur = self._writer.cursor()
+        try:
+            self._begin(cur)
+            cur.execute(MIGRATIONS[1][0])
+            cur.execute(self._convert("SELECT value FROM ip_meta WHERE key = ?"), ("schema_version",))
+            row = cur.fetchone()
+            current = int(row[0]) if row else 0
+            if current > SCHEMA_VERSION:
+                cur.execute("ROLLBACK")
+                raise SchemaVersionError(
+                    f"store {self.url} has schema version {current}, newer than this "
+                    f"interplay understands ({SCHEMA_VERSION}); upgrade interplay"
+                )
+            types = self._ddl_types()
+            for version in range(current + 1, SCHEMA_VERSION + 1):
+                for statement in MIGRATIONS[version]:
+                    cur.execute(statement.format(**types))
+            if current < SCHEMA_VERSION:
+                cur.execute(self._convert("DELETE FROM ip_meta WHERE key = ?"), ("schema_version",))
+                cur.execute(
+                    self._convert("INSERT INTO ip_meta (key, value) VALUES (?, ?)"),
+                    ("schema_version", str(SCHEMA_VERSION)),
+                )
+            cur.execute("COMMIT")
+        finally:
+            cur.close()
+
+    # ------------------------------------------------------------------ operations
+    # Thin async wrappers; the SQL lives in messaging.py, traces.py and workflows.py.
+
+    async def declare_routes(self, group: str, routes: Sequence[str], *, ephemeral: bool = False) -> None:
+        """Make ``group`` receive what is published to ``routes`` (store bus topology)."""
+        await self.write(lambda tx: messaging.declare_routes(tx, group, routes, ephemeral))
+
+    async def drop_group(self, group: str) -> None:
+        """Forget a temporary group and what is queued for it."""
+        await self.write(lambda tx: messaging.drop_group(tx, group))
+
+    async def publish(self, items: Sequence[Outgoing], now: float, delivery: messaging.Delivery) -> list[int]:
+        """Record messages in the trace and queue them (or put them in the outbox)."""
+        return await self.write(lambda tx: messaging.publish(tx, items, now, delivery))
+
+    async def claim(self, group: str, limit: int, now: float, lease_for: float) -> list[ClaimedRow]:
+        """Lease up to ``limit`` ready queue rows of ``group`` (store bus)."""
+        sql = self.CLAIM_SQL
+        return await self.write(lambda tx: messaging.claim(tx, sql, group, limit, now, lease_for))
+
+    async def settle(
+        self, settlement: Settlement, now: float, delivery: messaging.Delivery
+    ) -> tuple[messaging.SettleResult, list[int]]:
+        """Commit the outcome of one handling (see :func:`messaging.settle`)."""
+        return await self.write(lambda tx: messaging.settle(tx, settlement, now, delivery))
+
+    async def enqueue_raw(self, group: str, body: bytes, now: float) -> None:
+        """Queue raw bytes for one group (store bus)."""
+        await self.write(lambda tx: messaging.enqueue_raw(tx, group, body, now))
+
+    async def extend_leases(self, rows: Sequence[tuple[int, str]], until: float) -> int:
+        """Keep queue rows leased while their handler is still running."""
+        return await self.write(lambda tx: messaging.extend_leases(tx, rows, until))
+
+    async def inbox_seen(self, group: str, ids: Sequence[str]) -> dict[str, bytes | None]:
+        """Which message ids ``group`` already handled (with stored replies)."""
+        return await self.read(lambda tx: messaging.inbox_seen(tx, group, ids))
+
+    async def outbox_pending(self, older_than: float, limit: int = 500) -> list[tuple[int, str, bytes]]:
+        """Outbox rows older than ``older_than`` (their writer may have died)."""
+        return await self.read(lambda tx: messaging.outbox_pending(tx, older_than, limit))
+
+    async def outbox_done(self, ids: Sequence[int]) -> None:
+        """Delete relayed outbox rows."""
+        await self.write(lambda tx: messaging.outbox_done(tx, ids))
+
+    async def dlq_list(
+        self, limit: int = 50, *, group: str | None = None, flow_id: str | None = None
+    ) -> list[DeadLetterRecord]:
+        """Dead letters, newest first."""
+        return await self.read(lambda tx: messaging.dlq_list(tx, limit, group, flow_id))
+
+    async def dlq_replay(self, ids: Sequence[int], now: float, *, requeue: bool) -> list[DeadLetterRecord]:
+        """Take dead letters back for another try (requeued on the store bus)."""
+        return await self.write(lambda tx: messaging.dlq_replay(tx, ids, now, requeue))
+
+    async def dlq_restore(self, records: Sequence[DeadLetterRecord], now: float) -> None:
+        """Put back dead letters whose replay failed to publish."""
+        await self.write(lambda tx: messaging.dlq_restore(tx, records, now))
+
+    async def dlq_drop(self, ids: Sequence[int]) -> int:
+        """Delete dead letters for good."""
+        return await self.write(lambda tx: messaging.dlq_drop(tx, ids))
+
+    async def purge(self, inbox_before: float, traces_before: float) -> dict[str, int]:
+        """Apply retention: old inbox marks and old finished flows' traces."""
+        return await self.write(lambda tx: messaging.purge(tx, inbox_before, traces_before))
+
+    async def flow(self, flow_id: str, now: float) -> FlowRow | None:
+        """One flow's summary."""
+        return await self.read(lambda tx: traces.flow_row(tx, flow_id, now))
+
+    async def flow_records(self, flow_id: str) -> tuple[list[MessageRow], list[SpanRecord]]:
+        """A flow's messages and spans."""
+        return await self.read(lambda tx: traces.flow_records(tx, flow_id))
+
+    async def flows(
+        self,
+        now: float,
+        *,
+        status: str | None = None,
+        name: str | None = None,
+        limit: int = 50,
+        since: float | None = None,
+    ) -> list[FlowRow]:
+        """Flows, newest first."""
+        return await self.read(lambda tx: traces.list_flows(tx, now, status, name, limit, since))
+
+    async def count_flows(self, now: float) -> dict[str, int]:
+        """How many flows are in each status."""
+        return await self.read(lambda tx: traces.count_flows(tx, now))
+
+    async def schema_version(self) -> int:
+        """The schema version recorded in the database."""
+        row = await self.read(lambda tx: tx.one("SELECT value FROM ip_meta WHERE key = ?", ("schema_version",)))
+        return int(row[0]) if row else 0
+
+
+class _Failed:
+    __slots__ = ("error",)
+
+    def __init__(self, error: Exception) -> None:
+        self.error = error
+
+
+def _close_quietly(conn: Any) -> None:
+    try:
+        conn.close()
+    except Exception:  # closing a broken connection may raise; nothing to do
+        pass
+
+
+def _redact(url: str) -> str:
+    return re.sub(r"//([^:/@]+):[^@/]*@", r"//\1:***@", url)

@@ -1,0 +1,377 @@
+"""Ops for messages: publish, claim, settle, dead letters, outbox, routes.
+
+Each function runs inside one store transaction (it gets a :class:`Tx`) and is written
+once for every SQL dialect. They must be safe to run twice (the store re-applies an op
+alone when a batch it shared failed), so they only touch the database.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Sequence
+from typing import Any, Literal
+
+import orjson
+
+from .records import ClaimedRow, DeadLetter, DeadLetterRecord, Outgoing, Settlement
+from .tx import Tx
+
+__all__ = [
+    "SettleResult",
+    "claim",
+    "declare_routes",
+    "dlq_drop",
+    "dlq_list",
+    "dlq_replay",
+    "drop_group",
+    "publish",
+    "settle",
+]
+
+Delivery = Literal["queue", "outbox", "direct"]
+"""Where published messages go: the store's queue table (store bus), the outbox
+(a durable broker relays them), or straight to a non-durable bus after commit."""
+
+SettleResult = Literal["applied", "stale", "duplicate"]
+
+_INSERT_MESSAGE = (
+    "INSERT INTO ip_messages (id, flow_id, causation_id, kind, type, source, time, payload) "
+    "VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING"
+)
+_FAN_OUT = (
+    "INSERT INTO ip_queue (grp, msg_id, flow_id, body, visible_at) "
+    "SELECT grp, ?, ?, ?, ? FROM ip_routes WHERE route = ?"
+)
+
+
+def declare_routes(tx: Tx, group: str, routes: Sequence[str], ephemeral: bool) -> None:
+    """Make ``group`` receive the messages published to ``routes`` from now on."""
+    tx.executemany(
+        "INSERT INTO ip_routes (route, grp, ephemeral) VALUES (?, ?, ?) ON CONFLICT DO NOTHING",
+        [(route, group, int(ephemeral)) for route in routes],
+    )
+
+
+def drop_group(tx: Tx, group: str) -> None:
+    """Forget a (temporary) group: its routes and whatever is queued for it."""
+    tx.execute("DELETE FROM ip_routes WHERE grp = ?", (group,))
+    tx.execute("DELETE FROM ip_queue WHERE grp = ?", (group,))
+
+
+def publish(tx: Tx, items: Sequence[Outgoing], now: float, delivery: Delivery) -> list[int]:
+    """Record and queue messages; returns the outbox ids (outbox delivery only)."""
+    changes = FlowChanges()
+    outbox = _emit(tx, items, now, delivery, changes)
+    changes.apply(tx, now)
+    return outbox
+
+
+def _emit(
+    tx: Tx, items: Sequence[Outgoing], now: float, delivery: Delivery, changes: FlowChanges
+) -> list[int]:
+    outbox: list[int] = []
+    for item in items:
+        msg = item.message
+        tx.execute(
+            _INSERT_MESSAGE,
+            (msg.id, msg.flow_id, msg.causation_id, msg.kind, msg.type, msg.source, msg.time,
+             orjson.dumps(msg.payload).decode()),
+        )
+        start = item.flow_start
+        if start is not None:
+            tx.execute(
+                "INSERT INTO ip_flows (flow_id, name, kind, declared, started, deadline, status, "
+                "pending, dead, last_type, updated) VALUES (?, ?, ?, ?, ?, ?, 'running', 0, 0, ?, ?) "
+                "ON CONFLICT DO NOTHING",
+                (msg.flow_id, start.name, start.kind, int(start.declared), msg.time, start.deadline,
+                 msg.type, now),
+            )
+        if delivery == "queue":
+            visible = now if item.visible_at is None else item.visible_at
+            routed = tx.execute(_FAN_OUT, (msg.id, msg.flow_id, item.body, visible, item.route)).rowcount
+            if routed:
+                tx.routes.add(item.route)
+        else:
+            routed = item.fanout
+            if delivery == "outbox":
+                row = tx.one(
+                    "INSERT INTO ip_outbox (route, msg_id, body, created) VALUES (?, ?, ?, ?) RETURNING id",
+                    (item.route, msg.id, item.body, now),
+                )
+                outbox.append(int(row[0]))
+        changes.add(msg.flow_id, pending=routed, last_type=msg.type)
+        for status, names in (("completed", item.completes), ("failed", item.fails)):
+            if names:
+                marks = ", ".join("?" * len(names))
+                tx.execute(
+                    f"UPDATE ip_flows SET status = ?, ended = ? WHERE flow_id = ? "
+                    f"AND status = 'running' AND name IN ({marks})",
+                    (status, now, msg.flow_id, *names),
+                )
+    return outbox
+
+
+class FlowChanges:
+    """What one op changes in flow records, applied as one UPDATE per flow."""
+
+    __slots__ = ("_flows",)
+
+    def __init__(self) -> None:
+        self._flows: dict[str, list[Any]] = {}
+
+    def add(self, flow_id: str | None, *, pending: int = 0, dead: int = 0, last_type: str | None = None) -> None:
+        """Count ``pending`` more deliveries and ``dead`` more dead letters for a flow."""
+        if not flow_id:
+            return
+        entry = self._flows.get(flow_id)
+        if entry is None:
+            entry = self._flows[flow_id] = [0, 0, None]
+        entry[0] += pending
+        entry[1] += dead
+        if last_type is not None:
+            entry[2] = last_type
+
+    def apply(self, tx: Tx, now: float) -> None:
+        """Write the changes."""
+        for flow_id, (pending, dead, last_type) in self._flows.items():
+            tx.execute(
+                "UPDATE ip_flows SET pending = pending + ?, dead = dead + ?, "
+                "last_type = COALESCE(?, last_type), updated = ? WHERE flow_id = ?",
+                (pending, dead, last_type, now, flow_id),
+            )
+
+
+def settle(tx: Tx, s: Settlement, now: float, delivery: Delivery) -> tuple[SettleResult, list[int]]:
+    """Commit what follows one handling: ack or retry, inbox mark, span, emits, DLQ.
+
+    On the store bus the queue row is deleted (or rescheduled) only if this consumer
+    still holds its lease; a stale consumer gets ``stale`` and nothing it did is kept.
+    A message already in the group's inbox gets ``duplicate``: acked, nothing emitted.
+    """
+    if s.queue_id is not None:
+        if s.outcome == "retry":
+            cur = tx.execute(
+                "UPDATE ip_queue SET visible_at = ?, lease = NULL WHERE id = ? AND lease = ?",
+                (s.retry_at if s.retry_at is not None else now, s.queue_id, s.lease),
+            )
+        else:
+            cur = tx.execute("DELETE FROM ip_queue WHERE id = ? AND lease = ?", (s.queue_id, s.lease))
+        if cur.rowcount == 0:
+            return "stale", []
+    changes = FlowChanges()
+    if s.outcome != "retry":
+        changes.add(s.flow_id, pending=-1)
+    result: SettleResult = "applied"
+    if s.outcome == "duplicate":
+        result = "duplicate"
+    elif s.inbox and tx.execute(
+        "INSERT INTO ip_inbox (grp, msg_id, handled_at, reply) VALUES (?, ?, ?, ?) ON CONFLICT DO NOTHING",
+        (s.group, s.msg_id, now, s.reply),
+    ).rowcount == 0:
+        result = "duplicate"
+    if result == "duplicate" and s.outcome != "duplicate":
+        changes.apply(tx, now)
+        return result, []
+    if s.span is not None:
+        sp = s.span
+        tx.execute(
+            "INSERT INTO ip_spans (flow_id, msg_id, service, handler, type, started, ended, outcome, "
+            "error, attempt) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (sp.flow_id, sp.msg_id, sp.service, sp.handler, sp.type, sp.started, sp.ended, sp.outcome,
+             sp.error, sp.attempt),
+        )
+    if s.dead is not None:
+        _insert_dead(tx, s.dead, now)
+        changes.add(s.flow_id, dead=1)
+    if s.extra is not None:
+        s.extra(tx)
+    outbox = _emit(tx, s.emits, now, delivery, changes) if s.emits else []
+    changes.apply(tx, now)
+    return result, outbox
+
+
+def _insert_dead(tx: Tx, d: DeadLetter, now: float) -> None:
+    tx.execute(
+        "INSERT INTO ip_dlq (msg_id, grp, route, type, flow_id, body, reason, error, attempts, time) "
+        "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        (d.msg_id, d.group, d.route, d.type, d.flow_id, d.body, d.reason, d.error, d.attempts, now),
+    )
+
+
+def claim(tx: Tx, claim_sql: str, group: str, limit: int, now: float, lease_for: float) -> list[ClaimedRow]:
+    """Lease up to ``limit`` visible rows of ``group``; flags those already in its inbox."""
+    lease = uuid.uuid4().hex
+    rows = tx.all(claim_sql, (now + lease_for, lease, group, now, limit))
+    if not rows:
+        return []
+    rows.sort(key=lambda r: r[0])
+    ids = [r[1] for r in rows]
+    marks = ", ".join("?" * len(ids))
+    seen = {
+        r[0]: r[1]
+        for r in tx.all(
+            f"SELECT msg_id, reply FROM ip_inbox WHERE grp = ? AND msg_id IN ({marks})",
+            (group, *ids),
+        )
+    }
+    return [
+        ClaimedRow(
+            queue_id=int(r[0]),
+            lease=lease,
+            body=bytes(r[2]),
+            deliveries=int(r[3]),
+            duplicate=r[1] in seen,
+            reply=None if seen.get(r[1]) is None else bytes(seen[r[1]]),
+        )
+        for r in rows
+    ]
+
+
+def enqueue_raw(tx: Tx, group: str, body: bytes, now: float) -> None:
+    """Queue bytes for one group as they are (they may not even be an envelope)."""
+    try:
+        envelope = orjson.loads(body)
+        msg_id, flow_id = str(envelope["id"]), str(envelope["flow_id"])
+    except Exception:  # not an envelope: the consumer will dead-letter it
+        msg_id = flow_id = ""
+    tx.execute(
+        "INSERT INTO ip_queue (grp, msg_id, flow_id, body, visible_at) VALUES (?, ?, ?, ?, ?)",
+        (group, msg_id, flow_id, body, now),
+    )
+    tx.routes.add("@" + group)
+
+
+def extend_leases(tx: Tx, rows: Sequence[tuple[int, str]], until: float) -> int:
+    """Push the visibility of rows this consumer still holds (heartbeat)."""
+    count = 0
+    for queue_id, lease in rows:
+        count += tx.execute(
+            "UPDATE ip_queue SET visible_at = ? WHERE id = ? AND lease = ?", (until, queue_id, lease)
+        ).rowcount
+    return count
+
+
+def dlq_list(tx: Tx, limit: int, group: str | None, flow_id: str | None) -> list[DeadLetterRecord]:
+    """Dead letters, newest first."""
+    where, params = ["1 = 1"], []
+    if group:
+        where.append("grp = ?")
+        params.append(group)
+    if flow_id:
+        where.append("flow_id = ?")
+        params.append(flow_id)
+    rows = tx.all(
+        "SELECT id, msg_id, grp, route, type, flow_id, body, reason, error, attempts, time FROM ip_dlq "
+        f"WHERE {' AND '.join(where)} ORDER BY id DESC LIMIT ?",
+        (*params, limit),
+    )
+    return [
+        DeadLetterRecord(
+            msg_id=r[1], group=r[2], route=r[3], type=r[4], flow_id=r[5], body=bytes(r[6]),
+            reason=r[7], error=r[8], attempts=int(r[9]), id=int(r[0]), time=float(r[10]),
+        )
+        for r in rows
+    ]
+
+
+def dlq_take(tx: Tx, ids: Sequence[int]) -> list[DeadLetterRecord]:
+    """Remove dead letters and return them (to replay them elsewhere)."""
+    taken = []
+    for dlq_id in ids:
+        row = tx.one(
+            "SELECT id, msg_id, grp, route, type, flow_id, body, reason, error, attempts, time "
+            "FROM ip_dlq WHERE id = ?",
+            (dlq_id,),
+        )
+        if row is None:
+            continue
+        tx.execute("DELETE FROM ip_dlq WHERE id = ?", (dlq_id,))
+        taken.append(
+            DeadLetterRecord(
+                msg_id=row[1], group=row[2], route=row[3], type=row[4], flow_id=row[5],
+                body=bytes(row[6]), reason=row[7], error=row[8], attempts=int(row[9]),
+                id=int(row[0]), time=float(row[10]),
+            )
+        )
+    return taken
+
+
+def dlq_replay(tx: Tx, ids: Sequence[int], now: float, requeue: bool) -> list[DeadLetterRecord]:
+    """Take dead letters back: onto the failed group's queue (``requeue``) or out for a broker.
+
+    The message keeps its id; the flow counts it as pending again.
+    """
+    taken = dlq_take(tx, ids)
+    changes = FlowChanges()
+    for d in taken:
+        # The dead message was marked handled (so a redelivery does not fail it twice);
+        # replaying it must let its handler run again.
+        tx.execute("DELETE FROM ip_inbox WHERE grp = ? AND msg_id = ?", (d.group, d.msg_id))
+        if requeue:
+            tx.execute(
+                "INSERT INTO ip_queue (grp, msg_id, flow_id, body, visible_at) VALUES (?, ?, ?, ?, ?)",
+                (d.group, d.msg_id, d.flow_id or d.msg_id, d.body, now),
+            )
+            tx.routes.add("@" + d.group)
+        changes.add(d.flow_id, pending=1, dead=-1)
+    changes.apply(tx, now)
+    return taken
+
+
+def dlq_restore(tx: Tx, records: Sequence[DeadLetterRecord], now: float) -> None:
+    """Put back dead letters whose replay could not be published."""
+    changes = FlowChanges()
+    for d in records:
+        _insert_dead(tx, d, now)
+        changes.add(d.flow_id, pending=-1, dead=1)
+    changes.apply(tx, now)
+
+
+def dlq_drop(tx: Tx, ids: Sequence[int]) -> int:
+    """Delete dead letters for good; returns how many were there."""
+    return sum(tx.execute("DELETE FROM ip_dlq WHERE id = ?", (i,)).rowcount for i in ids)
+
+
+def outbox_pending(tx: Tx, older_than: float, limit: int) -> list[tuple[int, str, bytes]]:
+    """Outbox rows not relayed by their writer in time (it may have crashed)."""
+    return [
+        (int(r[0]), r[1], bytes(r[2]))
+        for r in tx.all(
+            "SELECT id, route, body FROM ip_outbox WHERE created < ? ORDER BY id LIMIT ?",
+            (older_than, limit),
+        )
+    ]
+
+
+def outbox_done(tx: Tx, ids: Sequence[int]) -> None:
+    """Forget outbox rows the broker confirmed."""
+    tx.executemany("DELETE FROM ip_outbox WHERE id = ?", [(i,) for i in ids])
+
+
+def inbox_seen(tx: Tx, group: str, ids: Sequence[str]) -> dict[str, bytes | None]:
+    """Which of ``ids`` the group has handled, with their stored replies."""
+    if not ids:
+        return {}
+    marks = ", ".join("?" * len(ids))
+    return {
+        r[0]: None if r[1] is None else bytes(r[1])
+        for r in tx.all(
+            f"SELECT msg_id, reply FROM ip_inbox WHERE grp = ? AND msg_id IN ({marks})",
+            (group, *ids),
+        )
+    }
+
+
+def purge(tx: Tx, inbox_before: float, traces_before: float) -> dict[str, int]:
+    """Delete inbox marks and finished flows' traces older than the retention."""
+    counts: dict[str, Any] = {}
+    counts["inbox"] = tx.execute("DELETE FROM ip_inbox WHERE handled_at < ?", (inbox_before,)).rowcount
+    old = "SELECT flow_id FROM ip_flows WHERE updated < ? AND (status <> 'running' OR pending <= 0)"
+    for table in ("ip_spans", "ip_messages"):
+        counts[table] = tx.execute(
+            f"DELETE FROM {table} WHERE flow_id IN ({old})", (traces_before,)
+        ).rowcount
+    counts["flows"] = tx.execute(
+        "DELETE FROM ip_flows WHERE updated < ? AND (status <> 'running' OR pending <= 0)", (traces_before,)
+    ).rowcount
+    return counts

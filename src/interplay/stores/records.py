@@ -1,0 +1,167 @@
+"""Plain records passed between the runtime and a store (no behaviour, no I/O)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from ..message import Message
+
+__all__ = [
+    "ClaimedRow",
+    "DeadLetter",
+    "DeadLetterRecord",
+    "FlowRow",
+    "FlowStart",
+    "MessageRow",
+    "Outgoing",
+    "Settlement",
+    "SpanRecord",
+]
+
+
+@dataclass(frozen=True, slots=True)
+class FlowStart:
+    """Opens a flow record when a message starts a new flow."""
+
+    name: str
+    kind: Literal["flow", "workflow"] = "flow"
+    declared: bool = False
+    deadline: float | None = None
+
+
+@dataclass(slots=True)
+class Outgoing:
+    """A message about to be published, with what the store must know about it.
+
+    Attributes:
+        message: the envelope.
+        route: the routing key (see :func:`interplay.transports.base.route_of`).
+        body: the encoded envelope.
+        fanout: how many consumer groups the app declares for ``route`` (used to
+            count a flow's pending deliveries when the bus is a broker).
+        flow_start: set when this message opens a new flow.
+        completes: names of declared flows that this message's type ends.
+        fails: names of declared flows that this message's type fails.
+    """
+
+    message: Message
+    route: str
+    body: bytes
+    fanout: int = 0
+    flow_start: FlowStart | None = None
+    completes: tuple[str, ...] = ()
+    fails: tuple[str, ...] = ()
+    visible_at: float | None = None
+
+
+@dataclass(slots=True)
+class SpanRecord:
+    """One handling of one message by one service (an attempt)."""
+
+    flow_id: str
+    msg_id: str
+    service: str
+    handler: str | None
+    type: str
+    started: float
+    ended: float
+    outcome: str
+    """``ok``, ``retry``, ``rejected``, ``dead``, ``invalid`` or ``duplicate``."""
+    error: str | None
+    attempt: int
+
+
+@dataclass(slots=True)
+class DeadLetter:
+    """A message parked in the dead-letter queue, with why."""
+
+    msg_id: str
+    group: str
+    route: str
+    type: str
+    flow_id: str | None
+    body: bytes
+    reason: str
+    """``rejected``, ``retries_exhausted``, ``invalid_payload``, ``invalid_envelope``, ``no_handler``."""
+    error: str | None
+    attempts: int
+
+
+@dataclass(slots=True)
+class DeadLetterRecord(DeadLetter):
+    """A dead letter as stored, with its id and time."""
+
+    id: int = 0
+    time: float = 0.0
+
+
+SettleOutcome = Literal["ok", "retry", "dead", "duplicate"]
+
+
+@dataclass(slots=True)
+class Settlement:
+    """Everything that follows the handling of one delivery, committed as one unit.
+
+    On the store bus this includes the ack (deleting the queue row, fenced by its
+    lease); on a broker the ack follows the commit.
+    """
+
+    group: str
+    msg_id: str
+    flow_id: str | None
+    outcome: SettleOutcome
+    queue_id: int | None = None
+    lease: str | None = None
+    inbox: bool = False
+    reply: bytes | None = None
+    span: SpanRecord | None = None
+    emits: list[Outgoing] = field(default_factory=list)
+    dead: DeadLetter | None = None
+    retry_at: float | None = None
+    extra: Any = None
+    """An op run inside the same transaction (e.g. a workflow journal write)."""
+
+
+@dataclass(slots=True)
+class ClaimedRow:
+    """A queue row leased to a consumer."""
+
+    queue_id: int
+    lease: str
+    body: bytes
+    deliveries: int
+    duplicate: bool = False
+    reply: bytes | None = None
+
+
+@dataclass(slots=True)
+class MessageRow:
+    """A published message as the trace log keeps it."""
+
+    id: str
+    flow_id: str
+    causation_id: str | None
+    kind: str
+    type: str
+    source: str | None
+    time: float
+    payload: Any
+
+
+@dataclass(slots=True)
+class FlowRow:
+    """A flow's summary record."""
+
+    flow_id: str
+    name: str
+    kind: str
+    declared: bool
+    started: float
+    deadline: float | None
+    status: str
+    ended: float | None
+    pending: int
+    dead: int
+    last_type: str | None
+    updated: float

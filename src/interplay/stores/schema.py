@@ -1,0 +1,86 @@
+"""The schema, written once for every SQL dialect.
+
+DDL uses ``{serial}``, ``{blob}``, ``{real}`` and ``{no_rowid}`` which each dialect fills
+in; statements use ``?`` placeholders, which a dialect rewrites if its driver wants
+another style. Bump ``SCHEMA_VERSION`` and append to ``MIGRATIONS`` to change it.
+"""
+
+from __future__ import annotations
+
+SCHEMA_VERSION = 1
+
+MIGRATIONS: dict[int, list[str]] = {
+    1: [
+        "CREATE TABLE IF NOT EXISTS ip_meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
+        # Which consumer groups receive which routes (the store bus's fan-out table).
+        """CREATE TABLE IF NOT EXISTS ip_routes (
+            route TEXT NOT NULL, grp TEXT NOT NULL, ephemeral INTEGER NOT NULL DEFAULT 0,
+            PRIMARY KEY (route, grp)){no_rowid}""",
+        # The store bus: one row per (message, group); leased by visible_at + lease token.
+        """CREATE TABLE IF NOT EXISTS ip_queue (
+            id {serial}, grp TEXT NOT NULL, msg_id TEXT NOT NULL, flow_id TEXT NOT NULL,
+            body {blob} NOT NULL, visible_at {real} NOT NULL,
+            deliveries INTEGER NOT NULL DEFAULT 0, lease TEXT)""",
+        "CREATE INDEX IF NOT EXISTS ip_queue_ready ON ip_queue (grp, visible_at, id)",
+        # The inbox: a message id handled by a group, with a command's stored reply.
+        """CREATE TABLE IF NOT EXISTS ip_inbox (
+            grp TEXT NOT NULL, msg_id TEXT NOT NULL, handled_at {real} NOT NULL, reply {blob},
+            PRIMARY KEY (grp, msg_id)){no_rowid}""",
+        "CREATE INDEX IF NOT EXISTS ip_inbox_time ON ip_inbox (handled_at)",
+        # The outbox: messages committed but not yet confirmed by a broker.
+        """CREATE TABLE IF NOT EXISTS ip_outbox (
+            id {serial}, route TEXT NOT NULL, msg_id TEXT NOT NULL, body {blob} NOT NULL,
+            created {real} NOT NULL)""",
+        """CREATE TABLE IF NOT EXISTS ip_dlq (
+            id {serial}, msg_id TEXT NOT NULL, grp TEXT NOT NULL, route TEXT NOT NULL,
+            type TEXT NOT NULL, flow_id TEXT, body {blob} NOT NULL, reason TEXT NOT NULL,
+            error TEXT, attempts INTEGER NOT NULL, time {real} NOT NULL)""",
+        # The trace: every published message, and every handling of one (a span).
+        """CREATE TABLE IF NOT EXISTS ip_messages (
+            id TEXT PRIMARY KEY, flow_id TEXT NOT NULL, causation_id TEXT, kind TEXT NOT NULL,
+            type TEXT NOT NULL, source TEXT, time {real} NOT NULL, payload TEXT){no_rowid}""",
+        "CREATE INDEX IF NOT EXISTS ip_messages_flow ON ip_messages (flow_id, type)",
+        """CREATE TABLE IF NOT EXISTS ip_spans (
+            id {serial}, flow_id TEXT NOT NULL, msg_id TEXT NOT NULL, service TEXT NOT NULL,
+            handler TEXT, type TEXT NOT NULL, started {real} NOT NULL, ended {real} NOT NULL,
+            outcome TEXT NOT NULL, error TEXT, attempt INTEGER NOT NULL)""",
+        "CREATE INDEX IF NOT EXISTS ip_spans_flow ON ip_spans (flow_id)",
+        """CREATE TABLE IF NOT EXISTS ip_flows (
+            flow_id TEXT PRIMARY KEY, name TEXT NOT NULL, kind TEXT NOT NULL,
+            declared INTEGER NOT NULL, started {real} NOT NULL, deadline {real},
+            status TEXT NOT NULL, ended {real}, pending INTEGER NOT NULL DEFAULT 0,
+            dead INTEGER NOT NULL DEFAULT 0, last_type TEXT, updated {real} NOT NULL){no_rowid}""",
+        "CREATE INDEX IF NOT EXISTS ip_flows_started ON ip_flows (started)",
+        # Workflows: runs (leased by orchestrators), their journal, and their waits.
+        """CREATE TABLE IF NOT EXISTS ip_runs (
+            run_id TEXT PRIMARY KEY, workflow TEXT NOT NULL, flow_id TEXT NOT NULL,
+            parent_run TEXT, parent_seq INTEGER, status TEXT NOT NULL, input TEXT,
+            result TEXT, error_type TEXT, error TEXT, owner TEXT, lease_until {real},
+            ready_at {real}, cancel_requested INTEGER NOT NULL DEFAULT 0,
+            created {real} NOT NULL, updated {real} NOT NULL){no_rowid}""",
+        "CREATE INDEX IF NOT EXISTS ip_runs_ready ON ip_runs (status, ready_at)",
+        """CREATE TABLE IF NOT EXISTS ip_journal (
+            run_id TEXT NOT NULL, seq INTEGER NOT NULL, kind TEXT NOT NULL, name TEXT NOT NULL,
+            status TEXT NOT NULL, msg_id TEXT, data TEXT, error_type TEXT, error TEXT,
+            started {real} NOT NULL, ended {real}, deadline {real},
+            PRIMARY KEY (run_id, seq)){no_rowid}""",
+        """CREATE TABLE IF NOT EXISTS ip_waits (
+            run_id TEXT NOT NULL, seq INTEGER NOT NULL, flow_id TEXT NOT NULL,
+            type TEXT NOT NULL, PRIMARY KEY (run_id, seq)){no_rowid}""",
+        "CREATE INDEX IF NOT EXISTS ip_waits_flow ON ip_waits (flow_id, type)",
+    ],
+}
+
+# A flow's status, computed from its record. Declared flows end by their events or go
+# stuck after `within`; an undeclared flow is done when nothing of it is left pending.
+FLOW_STATUS = """CASE
+    WHEN status <> 'running' THEN status
+    WHEN declared = 0 AND dead > 0 THEN 'failed'
+    WHEN declared = 0 AND pending <= 0 THEN 'completed'
+    WHEN deadline IS NOT NULL AND deadline < ? THEN 'stuck'
+    ELSE 'running' END"""
+
+FLOW_COLUMNS = (
+    "flow_id, name, kind, declared, started, deadline, " + FLOW_STATUS
+    + " AS status, ended, pending, dead, last_type, updated"
+)

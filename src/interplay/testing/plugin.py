@@ -1,0 +1,1 @@
+"""pytest plugin registered by interplay (fixtures for apps under test)."""
