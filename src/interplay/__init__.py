@@ -31,7 +31,10 @@ from .errors import (
 from .message import Message
 from .runtime import Runtime, RuntimeOptions
 from .service import Failure, Retry, Service
+from .stores.tx import Transaction
 from .tracing.flows import Flow, FlowSummary
+from .workflow.context import ChildHandle, Saga, WorkflowContext
+from .workflow.handle import WorkflowHandle
 
 __version__ = "0.1.0"
 
@@ -41,6 +44,7 @@ logging.getLogger("interplay").addHandler(logging.NullHandler())
 
 __all__ = [
     "App",
+    "ChildHandle",
     "ConfigurationError",
     "Context",
     "Failure",
@@ -56,12 +60,16 @@ __all__ = [
     "Retry",
     "Runtime",
     "RuntimeOptions",
+    "Saga",
     "Service",
     "StepFailed",
     "StepTimeout",
     "StoreError",
+    "Transaction",
     "TransportError",
     "ValidationFailed",
     "WorkflowCancelled",
+    "WorkflowContext",
     "WorkflowFailed",
+    "WorkflowHandle",
 ]

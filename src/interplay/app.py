@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, TypeVar
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, TypeVar, get_type_hints
 
 from .errors import ConfigurationError
 from .message import Message
 from .payloads import PayloadType
-from .service import Handler, Retry, Service, check_name, inspect_handler
+from .service import Handler, Service, check_name, inspect_handler
 from .stores.records import FlowStart, Outgoing
 from .transports.base import command_route, event_route, route_of
 
@@ -55,8 +55,9 @@ class WorkflowSpec:
     name: str
     fn: Callable[..., Any]
     payload: PayloadType
-    retry: Retry | None = None
-    waits: tuple[str, ...] = field(default_factory=tuple)
+    payload_param: str | None
+    ctx_param: str
+    result: PayloadType
 
 
 def _names(what: str, value: str | Sequence[str]) -> tuple[str, ...]:
@@ -119,10 +120,12 @@ class App:
         self._topology = None
         return spec
 
-    def workflow(
-        self, name: str | None = None, *, retry: Retry | None = None, waits: Sequence[str] = ()
-    ) -> Callable[[F], F]:
-        """Register a durable workflow: ``async def wf(ctx: WorkflowContext, payload)``."""
+    def workflow(self, name: str | None = None) -> Callable[[F], F]:
+        """Register a durable workflow: ``async def wf(ctx: WorkflowContext, payload) -> result``.
+
+        The payload is validated at ``rt.start`` (a bad one is refused before anything
+        is stored); the result is JSON data, validated into the return annotation.
+        """
 
         def register(fn: F) -> F:
             wf_name = check_name("workflow", name or fn.__name__)
@@ -132,12 +135,14 @@ class App:
                 raise ConfigurationError(f"workflow {wf_name!r} must be an async function")
             from .workflow.context import WorkflowContext
 
-            _, payload, ctx_param = inspect_handler(fn, context_types=(WorkflowContext,))
+            payload_param, payload, ctx_param = inspect_handler(fn, context_types=(WorkflowContext,))
             if ctx_param is None:
                 raise ConfigurationError(
                     f"workflow {wf_name!r} must take a WorkflowContext (named ctx) as a parameter"
                 )
-            self.workflows[wf_name] = WorkflowSpec(wf_name, fn, payload, retry, _names("event", waits))
+            returns = get_type_hints(fn).get("return", inspect.Parameter.empty)
+            result = PayloadType(inspect.Parameter.empty if returns in (None, type(None)) else returns)
+            self.workflows[wf_name] = WorkflowSpec(wf_name, fn, payload, payload_param, ctx_param, result)
             return fn
 
         return register

@@ -18,17 +18,17 @@ from typing import TYPE_CHECKING, Any
 import orjson
 
 from .context import Context
-from .errors import Reject, StoreError, TransportError, ValidationFailed
+from .errors import Reject, StepFailed, StoreError, TransportError, ValidationFailed
 from .message import Message, new_id
 from .payloads import to_json
 from .service import Failure, Handler, Service
-from .stores.records import DeadLetter, Outgoing, Settlement, SpanRecord
+from .stores.records import DeadLetter, Settlement, SpanRecord
 from .transports.base import Delivery, Subscription
 
 if TYPE_CHECKING:
     from .runtime import Runtime
 
-__all__ = ["Consumer", "reply_body"]
+__all__ = ["Consumer", "reply_body", "reply_error", "reply_result"]
 
 log = logging.getLogger("interplay.dispatch")
 
@@ -36,6 +36,20 @@ log = logging.getLogger("interplay.dispatch")
 def reply_body(ok: bool, value: Any) -> dict[str, Any]:
     """The payload of a command's reply: ``{"ok": true, "result": ...}`` or an error."""
     return {"ok": True, "result": value} if ok else {"ok": False, "error": value}
+
+
+def reply_error(body: Any) -> dict[str, Any]:
+    """The ``Failure`` of an error reply, as a dict ({} when there is none)."""
+    error = body.get("error") if isinstance(body, dict) else None
+    return error if isinstance(error, dict) else {}
+
+
+def reply_result(target: str, body: Any) -> Any:
+    """The result a reply carries, or the StepFailed it stands for."""
+    if isinstance(body, dict) and body.get("ok"):
+        return body.get("result")
+    error = reply_error(body)
+    raise StepFailed(target, str(error.get("error_type", "Error")), str(error.get("error", body)), error)
 
 
 class Consumer:
@@ -304,7 +318,10 @@ class Consumer:
         reply_to = command.headers.get("reply_to")
         if not reply_to:
             return None
-        return command.caused(command.type, body, kind="reply", source=self.group, headers={"reply_to": reply_to})
+        # x- headers are the caller's correlation (a workflow's run and step): echo them.
+        echoed = {k: v for k, v in command.headers.items() if k.startswith("x-")}
+        return command.caused(command.type, body, kind="reply", source=self.group,
+                              headers={**echoed, "reply_to": reply_to})
 
     def _span(
         self, msg: Message, handler: Handler | None, started: float, outcome: str, error: str | None, attempt: int
@@ -321,9 +338,8 @@ class Consumer:
         rt = self.rt
         settlement.queue_id, settlement.lease = d.queue_id, d.lease
         topology = rt.app.topology
-        outgoing: list[Outgoing] = [topology.outgoing(m) for m in emits]
-        settlement.emits = outgoing
-        result, outbox_ids = await rt.store.settle(settlement, rt.clock.now(), rt.delivery_mode)
+        settlement.emits = [topology.outgoing(m) for m in emits]
+        result, relay = await rt.store.settle(settlement, rt.clock.now(), rt.delivery_mode)
         if result == "stale":
             log.info("%s: lease on %s lost before commit; another consumer owns it", self.group, settlement.msg_id)
             return
@@ -334,6 +350,5 @@ class Consumer:
         if settlement.outcome == "retry":
             await self.sub.nack(d, retry_delay)
             return
-        if (outgoing and result != "duplicate") or settlement.outcome == "duplicate":
-            await rt.relay(outgoing, outbox_ids)
+        await rt.relay(relay)
         await self.sub.ack([d])

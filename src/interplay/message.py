@@ -22,8 +22,11 @@ __all__ = ["ENVELOPE_VERSION", "KINDS", "Message", "MessageKind", "new_id"]
 ENVELOPE_VERSION = 1
 """The envelope schema this version writes; decoding refuses newer versions."""
 
-MessageKind = Literal["event", "command", "reply"]
+MessageKind = Literal["event", "command", "reply", "workflow", "step"]
+"""``event``, ``command`` and ``reply`` travel on the bus; ``workflow`` (a run's start)
+and ``step`` (a workflow's local step) are records in the trace only."""
 KINDS: frozenset[str] = frozenset({"event", "command", "reply"})
+"""The kinds that travel on the bus (and that decoding accepts)."""
 
 _id_lock = threading.Lock()
 _last_ms = 0

@@ -17,18 +17,22 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from .clock import Clock, SystemClock
-from .dispatch import Consumer
-from .errors import ConfigurationError, NotFound, StoreError, TransportError
+from .dispatch import Consumer, reply_result
+from .errors import ConfigurationError, NotFound, StepTimeout, StoreError, TransportError
 from .message import Message, new_id
 from .payloads import to_json
+from .replies import ReplyInbox
 from .service import check_name
 from .stores import open_store
 from .stores.base import Store
 from .stores.messaging import Delivery as DeliveryMode
-from .stores.records import DeadLetterRecord, Outgoing
+from .stores.messaging import Relay
+from .stores.records import DeadLetterRecord, FlowStart, Outgoing, RunRow
 from .tracing.flows import Flow, FlowSummary
 from .transports import open_transport
-from .transports.base import Transport
+from .transports.base import Transport, reply_route
+from .workflow.engine import Engine
+from .workflow.handle import WorkflowHandle
 
 if TYPE_CHECKING:
     from .app import App
@@ -67,6 +71,15 @@ class RuntimeOptions:
     """Outbox rows younger than this are left to the process that wrote them."""
     source: str = "client"
     """The ``source`` of messages published through ``rt.publish``."""
+    run_lease: float = 5.0
+    """Seconds an orchestrator holds a workflow run without heartbeating; after that
+    another orchestrator takes the run over (the recovery time after a crash)."""
+    run_poll: float = 0.5
+    """Seconds between looks for runs to take over (new runs here start at once)."""
+    max_active_runs: int = 10_000
+    """Workflow runs one orchestrator executes at once."""
+    call_timeout: float = 30.0
+    """Default timeout of ``rt.call``."""
 
 
 class Runtime:
@@ -107,6 +120,9 @@ class Runtime:
         self.hosted = list(services) if services is not None else list(app.services)
         self.orchestrator = orchestrator
         self.consumers: dict[str, Consumer] = {}
+        self.engine = Engine(self)
+        self.replies = ReplyInbox(self)
+        self._replies_started = False
         self._background: list[asyncio.Task[None]] = []
         self._running = False
         self._owns_store = not isinstance(store, Store)
@@ -121,15 +137,15 @@ class Runtime:
 
     # ------------------------------------------------------------------ lifecycle
     async def __aenter__(self) -> Runtime:
-        await self.start()
+        await self.open()
         return self
 
     async def __aexit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
-        await self.stop()
+        await self.close()
 
-    async def start(self) -> None:
+    async def open(self) -> None:
         """Open the store and bus, declare routes, start consumers and background work."""
         if self._running:
             return
@@ -143,6 +159,9 @@ class Runtime:
                 consumer = Consumer(self, self.app.services[name])
                 await consumer.start()
                 self.consumers[name] = consumer
+            if self.orchestrator and self.app.workflows:
+                await self._start_replies()
+                await self.engine.start()
             loop = asyncio.get_running_loop()
             self._background.append(loop.create_task(self._purge_loop(), name="interplay-purge"))
             if self.delivery_mode == "outbox":
@@ -152,11 +171,14 @@ class Runtime:
             raise
         self._running = True
 
-    async def stop(self) -> None:
-        """Stop consumers (letting handlers finish), background work, bus and store."""
+    async def close(self) -> None:
+        """Stop workflows and consumers (letting handlers finish), then the bus and store."""
         if not self._running:
             return
         self._running = False
+        await self.engine.stop()
+        if self._replies_started:
+            await self.replies.stop()
         for consumer in self.consumers.values():
             await consumer.stop(self.options.shutdown_grace)
         for task in self._background:
@@ -164,6 +186,11 @@ class Runtime:
         await asyncio.gather(*self._background, return_exceptions=True)
         self._background.clear()
         await self._close_backends()
+
+    async def _start_replies(self) -> None:
+        if not self._replies_started:
+            self._replies_started = True
+            await self.replies.start()
 
     async def _close_backends(self) -> None:
         if self._owns_transport:
@@ -203,22 +230,20 @@ class Runtime:
 
     async def send(self, outgoing: Sequence[Outgoing]) -> None:
         """Commit messages (trace + queue or outbox) and hand them to the bus."""
-        ids = await self.store.publish(outgoing, self.clock.now(), self.delivery_mode)
-        if not self.transport.store_bound:
-            await self.relay(outgoing, ids, raise_errors=self.delivery_mode == "direct")
+        relay = await self.store.publish(outgoing, self.clock.now(), self.delivery_mode)
+        await self.relay(relay, raise_errors=self.delivery_mode == "direct")
 
-    async def relay(
-        self, outgoing: Sequence[Outgoing], outbox_ids: Sequence[int], *, raise_errors: bool = False
-    ) -> None:
-        """Publish committed messages to the bus, then forget their outbox rows.
+    async def relay(self, relay: Relay, *, raise_errors: bool = False) -> None:
+        """Publish what a commit left for the bus, then forget its outbox rows.
 
         If the bus fails, the rows stay in the outbox and the relay loop retries them
         (with the same message ids, so consumers de-duplicate).
         """
-        if not outgoing:
+        if not relay:
             return
+        outbox_ids = [i for _, i in relay if i is not None]
         try:
-            await self.transport.publish(outgoing)
+            await self.transport.publish([o for o, _ in relay])
         except TransportError as exc:
             if raise_errors or not outbox_ids:
                 raise
@@ -254,6 +279,75 @@ class Runtime:
                 await self.store.purge(now - self.options.inbox_retention, now - self.options.trace_retention)
             except StoreError as exc:
                 log.warning("retention sweep failed: %s", exc)
+
+    # ------------------------------------------------------------------ orchestration
+    async def start(
+        self, workflow: str, payload: Any = None, *, id: str | None = None, flow_id: str | None = None
+    ) -> WorkflowHandle:
+        """Start a workflow run (or get the existing run with this ``id``).
+
+        Args:
+            workflow: the workflow's name.
+            payload: its input, validated against the workflow's annotation.
+            id: the run id; starting again with the same id returns the same run.
+            flow_id: run inside this existing flow (e.g. the one of the event that
+                triggered it) instead of opening a new one.
+
+        Raises:
+            ValidationFailed: the payload does not fit (nothing is stored).
+        """
+        run = await self.engine.start_run(workflow, payload, id, flow_id)
+        return WorkflowHandle(self, run)
+
+    async def workflow(self, run_id: str) -> WorkflowHandle:
+        """A handle on an existing run.
+
+        Raises:
+            NotFound: no run has that id.
+        """
+        run = await self.store.get_run(run_id)
+        if run is None:
+            raise NotFound(f"no workflow run {run_id!r}")
+        return WorkflowHandle(self, run)
+
+    async def workflows(
+        self, *, status: str | None = None, workflow: str | None = None, limit: int = 50
+    ) -> list[RunRow]:
+        """Runs, newest first."""
+        return await self.store.list_runs(status=status, workflow=workflow, limit=limit)
+
+    async def resume(self, run_id: str) -> bool:
+        """Let a parked run (replay diverged) run again, after its code was fixed."""
+        run = await self.store.resume_run(run_id, self.clock.now())
+        if run is not None:
+            self.engine.wake_claims()
+        return run is not None
+
+    async def call(self, target: str, payload: Any = None, *, timeout: float | None = None) -> Any:
+        """Send one command and wait for its reply (outside any workflow).
+
+        Raises:
+            StepFailed: the service failed it (``error_type``, ``error``).
+            StepTimeout: no reply within ``timeout`` (default ``options.call_timeout``).
+        """
+        self.app.command_handler(target)
+        await self._start_replies()
+        wait = self.options.call_timeout if timeout is None else timeout
+        msg = Message(
+            type=target, payload=to_json(payload), kind="command", source=self.options.source,
+            headers={"reply_to": reply_route(self.instance)},
+        )
+        fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self.replies.calls[msg.id] = fut
+        try:
+            await self.send([self.app.topology.outgoing(msg, flow_start=FlowStart(name=target))])
+            try:
+                body = await asyncio.wait_for(fut, wait)
+            except TimeoutError:
+                raise StepTimeout(target, wait) from None
+        finally:
+            self.replies.calls.pop(msg.id, None)
+        return reply_result(target, body)
 
     # ------------------------------------------------------------------ observing
     async def trace(self, flow_id: str) -> Flow:

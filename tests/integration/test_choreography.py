@@ -125,7 +125,7 @@ async def test_fan_out_reaches_every_service(bus: str, sqlite_url: str) -> None:
 async def test_competing_consumers_share_a_group(tmp_path: Path) -> None:
     """Two runtimes host the same service on one store: each message is handled once."""
     store_url = f"sqlite:///{tmp_path / 'shared.db'}"
-    handled: dict[str, list[int]] = {"a": [], "b": []}
+    handled: dict[str, list[int]] = {"a": [], "b": [], "client": []}
 
     def build(tag: str) -> App:
         app = App("work")
@@ -137,11 +137,16 @@ async def test_competing_consumers_share_a_group(tmp_path: Path) -> None:
 
         return app
 
-    async with build("a").run(store=store_url) as rt_a, build("b").run(store=store_url) as rt_b:
-        for n in range(200):
-            await rt_a.publish("job.queued", {"n": n})
-        await wait_until(lambda: len(handled["a"]) + len(handled["b"]) >= 200, timeout=20)
-        await rt_b.settled()
+    # A small prefetch so neither consumer can take everything in one claim; the
+    # publisher is a third process-alike, so both consumers learn of work the same way.
+    async with (
+        build("a").run(store=store_url, prefetch=4) as rt_a,
+        build("b").run(store=store_url, prefetch=4),
+        build("client").run(store=store_url, services=[]) as client,
+    ):
+        await asyncio.gather(*(client.publish("job.queued", {"n": n}) for n in range(200)))
+        await wait_until(lambda: len(handled["a"]) + len(handled["b"]) >= 200, timeout=30)
+        await rt_a.settled()
     everything = handled["a"] + handled["b"]
     assert sorted(everything) == list(range(200))  # each once, none lost
     assert handled["a"], "consumer a took no share"

@@ -29,6 +29,9 @@ def run(
         float, typer.Option(help="Seconds before an unacknowledged message is redelivered (visibility timeout).")
     ] = 30.0,
     prefetch: Annotated[int, typer.Option(help="Messages each service holds in flight at most.")] = 128,
+    run_lease: Annotated[
+        float, typer.Option(help="Seconds before another orchestrator takes over a run whose owner went silent.")
+    ] = 5.0,
     log_level: Annotated[str, typer.Option(help="Logging level.")] = "WARNING",
 ) -> None:
     """Host services (and workflows) until stopped with Ctrl-C or SIGTERM."""
@@ -41,7 +44,8 @@ def run(
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
         async with app.run(
-            store=store, bus=bus, services=service, orchestrator=orchestrator, lease=lease, prefetch=prefetch
+            store=store, bus=bus, services=service, orchestrator=orchestrator, lease=lease, prefetch=prefetch,
+            run_lease=run_lease,
         ) as rt:
             hosted = ", ".join(rt.hosted) or "no services"
             console.print(

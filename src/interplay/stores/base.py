@@ -24,13 +24,15 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, ClassVar, TypeVar
 
 from ..errors import SchemaVersionError, StoreError
-from . import messaging, traces
+from . import messaging, traces, workflows
 from .records import (
     ClaimedRow,
     DeadLetterRecord,
     FlowRow,
+    JournalEntry,
     MessageRow,
     Outgoing,
+    RunRow,
     Settlement,
     SpanRecord,
 )
@@ -57,6 +59,8 @@ class Store(ABC):
     dialect: ClassVar[str]
     CLAIM_SQL: ClassVar[str]
     """Leases ready queue rows: params (visible_until, lease, group, now, limit)."""
+    CLAIM_RUNS_SQL: ClassVar[str]
+    """Takes over unowned runs: params (owner, lease_until, now, now, limit); returns RUN_COLUMNS."""
     durable: bool = True
     supports_bus: bool = True
     """Whether the store can also be the bus (its queue table)."""
@@ -297,7 +301,7 @@ class Store(ABC):
         """Forget a temporary group and what is queued for it."""
         await self.write(lambda tx: messaging.drop_group(tx, group))
 
-    async def publish(self, items: Sequence[Outgoing], now: float, delivery: messaging.Delivery) -> list[int]:
+    async def publish(self, items: Sequence[Outgoing], now: float, delivery: messaging.Delivery) -> messaging.Relay:
         """Record messages in the trace and queue them (or put them in the outbox)."""
         return await self.write(lambda tx: messaging.publish(tx, items, now, delivery))
 
@@ -308,7 +312,7 @@ class Store(ABC):
 
     async def settle(
         self, settlement: Settlement, now: float, delivery: messaging.Delivery
-    ) -> tuple[messaging.SettleResult, list[int]]:
+    ) -> tuple[messaging.SettleResult, messaging.Relay]:
         """Commit the outcome of one handling (see :func:`messaging.settle`)."""
         return await self.write(lambda tx: messaging.settle(tx, settlement, now, delivery))
 
@@ -377,6 +381,47 @@ class Store(ABC):
     async def count_flows(self, now: float) -> dict[str, int]:
         """How many flows are in each status."""
         return await self.read(lambda tx: traces.count_flows(tx, now))
+
+    # ------------------------------------------------------------------ workflows
+    async def emitting(
+        self, now: float, delivery: messaging.Delivery, fn: Callable[[messaging.Emitter], T]
+    ) -> tuple[T, messaging.Relay]:
+        """Run ``fn(emitter)`` in a write transaction; returns its result and what to relay."""
+
+        def op(tx: Tx) -> tuple[T, messaging.Relay]:
+            em = messaging.Emitter(tx, now, delivery)
+            result = fn(em)
+            em.changes.apply(tx, now)
+            return result, em.relay
+
+        return await self.write(op)
+
+    async def claim_runs(self, owner: str, limit: int, now: float, lease: float) -> list[RunRow]:
+        """Take over runs that nobody owns (new, or their owner stopped heartbeating)."""
+        sql = self.CLAIM_RUNS_SQL
+        return await self.write(lambda tx: workflows.claim_runs(tx, sql, owner, limit, now, lease))
+
+    async def heartbeat_runs(self, owner: str, now: float, lease: float) -> set[str]:
+        """Extend this owner's leases; returns the runs it still holds."""
+        return await self.write(lambda tx: workflows.heartbeat(tx, owner, now, lease))
+
+    async def get_run(self, run_id: str) -> RunRow | None:
+        """One run."""
+        return await self.read(lambda tx: workflows.get_run(tx, run_id))
+
+    async def list_runs(
+        self, *, status: str | None = None, workflow: str | None = None, limit: int = 50
+    ) -> list[RunRow]:
+        """Runs, newest first."""
+        return await self.read(lambda tx: workflows.list_runs(tx, status, workflow, limit))
+
+    async def load_journal(self, run_id: str) -> list[JournalEntry]:
+        """A run's journal."""
+        return await self.read(lambda tx: workflows.load_journal(tx, run_id))
+
+    async def resume_run(self, run_id: str, now: float) -> RunRow | None:
+        """Make a parked run claimable again."""
+        return await self.write(lambda tx: workflows.resume_run(tx, run_id, now))
 
     async def schema_version(self) -> int:
         """The schema version recorded in the database."""

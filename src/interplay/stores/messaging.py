@@ -13,6 +13,8 @@ from typing import Any, Literal
 
 import orjson
 
+from ..message import Message
+from ..transports.base import reply_route
 from .records import ClaimedRow, DeadLetter, DeadLetterRecord, Outgoing, Settlement
 from .tx import Tx
 
@@ -58,57 +60,112 @@ def drop_group(tx: Tx, group: str) -> None:
     tx.execute("DELETE FROM ip_queue WHERE grp = ?", (group,))
 
 
-def publish(tx: Tx, items: Sequence[Outgoing], now: float, delivery: Delivery) -> list[int]:
-    """Record and queue messages; returns the outbox ids (outbox delivery only)."""
-    changes = FlowChanges()
-    outbox = _emit(tx, items, now, delivery, changes)
-    changes.apply(tx, now)
-    return outbox
+Relay = list[tuple[Outgoing, int | None]]
+"""Messages a transaction put in the outbox (with their outbox id) or that the caller
+must hand to a non-durable bus (id None): the caller publishes them after commit."""
 
 
-def _emit(
-    tx: Tx, items: Sequence[Outgoing], now: float, delivery: Delivery, changes: FlowChanges
-) -> list[int]:
-    outbox: list[int] = []
-    for item in items:
-        msg = item.message
-        tx.execute(
-            _INSERT_MESSAGE,
-            (msg.id, msg.flow_id, msg.causation_id, msg.kind, msg.type, msg.source, msg.time,
-             orjson.dumps(msg.payload).decode()),
-        )
-        start = item.flow_start
-        if start is not None:
+def publish(tx: Tx, items: Sequence[Outgoing], now: float, delivery: Delivery) -> Relay:
+    """Record and queue messages; returns what the caller must relay to the bus."""
+    emitter = Emitter(tx, now, delivery)
+    emitter.emit(items)
+    emitter.changes.apply(tx, now)
+    return emitter.relay
+
+
+class Emitter:
+    """Records messages in the trace and routes them, inside one transaction.
+
+    Routing an event also wakes the workflows waiting for it in its flow: each gets
+    a wake message on its orchestrator's reply route.
+    """
+
+    __slots__ = ("changes", "delivery", "now", "relay", "tx")
+
+    def __init__(self, tx: Tx, now: float, delivery: Delivery, changes: FlowChanges | None = None) -> None:
+        self.tx = tx
+        self.now = now
+        self.delivery = delivery
+        self.changes = changes or FlowChanges()
+        self.relay: Relay = []
+
+    def emit(self, items: Sequence[Outgoing]) -> None:
+        """Record each message in the trace, open/close flows, route it."""
+        tx = self.tx
+        for item in items:
+            msg = item.message
             tx.execute(
-                "INSERT INTO ip_flows (flow_id, name, kind, declared, started, deadline, status, "
-                "pending, dead, last_type, updated) VALUES (?, ?, ?, ?, ?, ?, 'running', 0, 0, ?, ?) "
-                "ON CONFLICT DO NOTHING",
-                (msg.flow_id, start.name, start.kind, int(start.declared), msg.time, start.deadline,
-                 msg.type, now),
+                _INSERT_MESSAGE,
+                (msg.id, msg.flow_id, msg.causation_id, msg.kind, msg.type, msg.source, msg.time,
+                 orjson.dumps(msg.payload).decode()),
             )
-        if delivery == "queue":
-            visible = now if item.visible_at is None else item.visible_at
-            routed = tx.execute(_FAN_OUT, (msg.id, msg.flow_id, item.body, visible, item.route)).rowcount
+            start = item.flow_start
+            if start is not None:
+                tx.execute(
+                    "INSERT INTO ip_flows (flow_id, name, kind, declared, started, deadline, status, "
+                    "pending, dead, last_type, updated) VALUES (?, ?, ?, ?, ?, ?, 'running', 0, 0, ?, ?) "
+                    "ON CONFLICT DO NOTHING",
+                    (msg.flow_id, start.name, start.kind, int(start.declared), msg.time, start.deadline,
+                     msg.type, self.now),
+                )
+            if item.route:
+                self.route(item)
+            self.changes.add(msg.flow_id, last_type=msg.type)
+            for status, names in (("completed", item.completes), ("failed", item.fails)):
+                if names:
+                    marks = ", ".join("?" * len(names))
+                    tx.execute(
+                        f"UPDATE ip_flows SET status = ?, ended = ? WHERE flow_id = ? "
+                        f"AND status = 'running' AND name IN ({marks})",
+                        (status, self.now, msg.flow_id, *names),
+                    )
+            if msg.kind == "event":
+                self.wake_waiters(msg.flow_id, msg.type, msg)
+
+    def route(self, item: Outgoing) -> None:
+        """Queue a message for its route's groups (store bus) or for the caller to relay."""
+        msg = item.message
+        if self.delivery == "queue":
+            visible = self.now if item.visible_at is None else item.visible_at
+            routed = self.tx.execute(_FAN_OUT, (msg.id, msg.flow_id, item.body, visible, item.route)).rowcount
             if routed:
-                tx.routes.add(item.route)
+                self.tx.routes.add(item.route)
         else:
             routed = item.fanout
-            if delivery == "outbox":
-                row = tx.one(
+            outbox_id = None
+            if self.delivery == "outbox":
+                row = self.tx.one(
                     "INSERT INTO ip_outbox (route, msg_id, body, created) VALUES (?, ?, ?, ?) RETURNING id",
-                    (item.route, msg.id, item.body, now),
+                    (item.route, msg.id, item.body, self.now),
                 )
-                outbox.append(int(row[0]))
-        changes.add(msg.flow_id, pending=routed, last_type=msg.type)
-        for status, names in (("completed", item.completes), ("failed", item.fails)):
-            if names:
-                marks = ", ".join("?" * len(names))
-                tx.execute(
-                    f"UPDATE ip_flows SET status = ?, ended = ? WHERE flow_id = ? "
-                    f"AND status = 'running' AND name IN ({marks})",
-                    (status, now, msg.flow_id, *names),
-                )
-    return outbox
+                outbox_id = int(row[0])
+            self.relay.append((item, outbox_id))
+        self.changes.add(msg.flow_id, pending=routed)
+
+    def wake_waiters(self, flow_id: str, wait_type: str, cause: Message | None, payload: Any = None) -> None:
+        """Send a wake to the orchestrator of every run waiting for ``wait_type`` in the flow."""
+        rows = self.tx.all(
+            "SELECT w.run_id, w.seq, r.owner FROM ip_waits w JOIN ip_runs r ON r.run_id = w.run_id "
+            "WHERE w.flow_id = ? AND w.type = ?",
+            (flow_id, wait_type),
+        )
+        for run_id, seq, owner in rows:
+            if not owner:  # nobody runs it now; whoever claims it rescans on replay
+                continue
+            body = {"run_id": run_id, "seq": int(seq), "type": wait_type, "payload": payload}
+            if cause is not None:
+                body["payload"] = cause.payload
+                body["message_id"] = cause.id
+            wake = Message(
+                type=WAKE, kind="reply", payload=body, flow_id=flow_id,
+                causation_id=cause.id if cause is not None else None, source="interplay",
+                headers={"reply_to": reply_route(owner)},
+            )
+            self.route(Outgoing(wake, route=reply_route(owner), body=wake.encode(), fanout=1))
+
+
+WAKE = "interplay.wake"
+"""The type of the reply that tells an orchestrator a waited-for event arrived."""
 
 
 class FlowChanges:
@@ -141,7 +198,7 @@ class FlowChanges:
             )
 
 
-def settle(tx: Tx, s: Settlement, now: float, delivery: Delivery) -> tuple[SettleResult, list[int]]:
+def settle(tx: Tx, s: Settlement, now: float, delivery: Delivery) -> tuple[SettleResult, Relay]:
     """Commit what follows one handling: ack or retry, inbox mark, span, emits, DLQ.
 
     On the store bus the queue row is deleted (or rescheduled) only if this consumer
@@ -183,11 +240,13 @@ def settle(tx: Tx, s: Settlement, now: float, delivery: Delivery) -> tuple[Settl
     if s.dead is not None:
         _insert_dead(tx, s.dead, now)
         changes.add(s.flow_id, dead=1)
+    emitter = Emitter(tx, now, delivery, changes)
     if s.extra is not None:
-        s.extra(tx)
-    outbox = _emit(tx, s.emits, now, delivery, changes) if s.emits else []
+        s.extra(emitter)
+    if s.emits:
+        emitter.emit(s.emits)
     changes.apply(tx, now)
-    return result, outbox
+    return result, emitter.relay
 
 
 def _insert_dead(tx: Tx, d: DeadLetter, now: float) -> None:

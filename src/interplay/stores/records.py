@@ -36,7 +36,8 @@ class Outgoing:
 
     Attributes:
         message: the envelope.
-        route: the routing key (see :func:`interplay.transports.base.route_of`).
+        route: the routing key (see :func:`interplay.transports.base.route_of`);
+            empty for a record that only belongs in the trace (a workflow step).
         body: the encoded envelope.
         fanout: how many consumer groups the app declares for ``route`` (used to
             count a flow's pending deliveries when the bus is a broker).
@@ -120,7 +121,8 @@ class Settlement:
     dead: DeadLetter | None = None
     retry_at: float | None = None
     extra: Any = None
-    """An op run inside the same transaction (e.g. a workflow journal write)."""
+    """``extra(emitter)`` runs inside the same transaction (e.g. a workflow journal
+    write); the :class:`~interplay.stores.messaging.Emitter` gives it ``tx``."""
 
 
 @dataclass(slots=True)
@@ -165,3 +167,53 @@ class FlowRow:
     dead: int
     last_type: str | None
     updated: float
+
+
+@dataclass(slots=True)
+class RunRow:
+    """A workflow run as stored."""
+
+    run_id: str
+    workflow: str
+    flow_id: str
+    parent_run: str | None
+    parent_seq: int | None
+    status: str
+    """``pending``, ``running``, ``completed``, ``failed``, ``compensated``, ``cancelled``, ``parked``."""
+    input: Any
+    result: Any
+    error_type: str | None
+    error: str | None
+    owner: str | None
+    lease_until: float | None
+    cancel_requested: bool
+    created: float
+    updated: float
+
+
+@dataclass(slots=True)
+class JournalEntry:
+    """One step of a run's journal.
+
+    Attributes:
+        seq: the step's position in the workflow's execution (0, 1, ...).
+        kind: ``call``, ``step``, ``emit``, ``wait``, ``sleep``, ``child``, ``child_result``, ``now``.
+        name: what it did (command, function, event, child workflow...).
+        status: ``scheduled`` (in flight), ``completed`` or ``failed``.
+        msg_id: the message it sent (a command, an event), re-sent with the same id.
+        data: the result (JSON), or for a scheduled step what replay needs.
+        deadline: when a timer fires or a call/wait times out.
+    """
+
+    run_id: str
+    seq: int
+    kind: str
+    name: str
+    status: str
+    msg_id: str | None = None
+    data: Any = None
+    error_type: str | None = None
+    error: str | None = None
+    started: float = 0.0
+    ended: float | None = None
+    deadline: float | None = None

@@ -17,6 +17,7 @@ from urllib.parse import parse_qs, unquote, urlsplit
 
 from ..errors import ConfigurationError
 from .base import Store
+from .workflows import RUN_COLUMNS
 
 __all__ = ["SqliteStore"]
 
@@ -32,6 +33,13 @@ class SqliteStore(Store):
         "UPDATE ip_queue SET visible_at = ?, lease = ?, deliveries = deliveries + 1 "
         "WHERE id IN (SELECT id FROM ip_queue WHERE grp = ? AND visible_at <= ? "
         "ORDER BY visible_at LIMIT ?) RETURNING id, msg_id, body, deliveries"
+    )
+
+    CLAIM_RUNS_SQL = (
+        "UPDATE ip_runs SET owner = ?, lease_until = ?, status = 'running', updated = ? "
+        "WHERE run_id IN (SELECT run_id FROM ip_runs WHERE status IN ('pending', 'running') "
+        "AND (owner IS NULL OR lease_until < ?) ORDER BY created LIMIT ?) "
+        f"RETURNING {RUN_COLUMNS}"
     )
 
     def __init__(self, url: str) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
-__all__ = ["Tx"]
+__all__ = ["Transaction", "Tx"]
 
 
 class Tx:
@@ -37,3 +37,31 @@ class Tx:
         """All rows of a query."""
         self.cur.execute(self._convert(sql), params)
         return list(self.cur.fetchall())
+
+
+class Transaction:
+    """The store's connection, inside the transaction that records your step.
+
+    Given to a workflow step function whose first parameter is annotated
+    ``Transaction`` (or run with ``ctx.transaction``): what it writes commits together
+    with the journal entry of the step, so it happens exactly once. Use ``?``
+    placeholders in SQL whatever the database. Only touch the database here: the
+    function may run again if the transaction has to be retried.
+    """
+
+    __slots__ = ("_tx",)
+
+    def __init__(self, tx: Tx) -> None:
+        self._tx = tx
+
+    def execute(self, sql: str, params: Sequence[Any] = ()) -> int:
+        """Run a statement; returns the number of rows it changed."""
+        return int(self._tx.execute(sql, params).rowcount)
+
+    def one(self, sql: str, params: Sequence[Any] = ()) -> Any:
+        """The first row of a query, or None."""
+        return self._tx.one(sql, params)
+
+    def all(self, sql: str, params: Sequence[Any] = ()) -> list[Any]:
+        """All rows of a query."""
+        return self._tx.all(sql, params)

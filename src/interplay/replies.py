@@ -1,0 +1,128 @@
+"""A runtime's reply inbox: replies to its commands, and wakes for its workflows.
+
+Every runtime that sends commands (``rt.call``, or workflows as an orchestrator) has
+an ephemeral group on its own reply route. What arrives there: command replies
+(recorded in the calling workflow's journal in the same transaction as the ack),
+wakes (an event a workflow here waits for happened), and cancel requests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import TYPE_CHECKING, Any
+
+from .dispatch import reply_error
+from .errors import StoreError, TransportError
+from .message import Message
+from .stores import workflows as ops
+from .stores.messaging import WAKE, Emitter
+from .stores.records import Settlement
+from .transports.base import Delivery, Subscription, reply_route
+from .workflow.engine import CANCEL
+
+if TYPE_CHECKING:
+    from .runtime import Runtime
+
+__all__ = ["ReplyInbox"]
+
+log = logging.getLogger("interplay.replies")
+
+
+class ReplyInbox:
+    """Consumes this runtime's reply route."""
+
+    def __init__(self, runtime: Runtime) -> None:
+        self.rt = runtime
+        self.group = f"_r.{runtime.instance}"
+        self.route = reply_route(runtime.instance)
+        self.calls: dict[str, asyncio.Future[Any]] = {}
+        self.sub: Subscription | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._inflight: set[asyncio.Task[None]] = set()
+
+    async def start(self) -> None:
+        """Declare the reply route and start consuming it."""
+        await self.rt.transport.declare(self.group, [self.route], ephemeral=True)
+        self.sub = await self.rt.transport.subscribe(self.group, [self.route], lease=self.rt.options.lease)
+        self._task = asyncio.get_running_loop().create_task(self._loop(), name="interplay-replies")
+
+    async def stop(self) -> None:
+        """Stop consuming and forget the route."""
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+        if self._inflight:
+            await asyncio.wait(self._inflight, timeout=self.rt.options.shutdown_grace)
+        if self.sub is not None:
+            await self.sub.close()
+        try:
+            await self.rt.transport.drop_group(self.group)
+        except (TransportError, StoreError) as exc:
+            log.warning("could not drop reply group %s: %s", self.group, exc)
+
+    async def _loop(self) -> None:
+        assert self.sub is not None
+        while True:
+            try:
+                deliveries = await self.sub.receive(256, self.rt.options.receive_timeout)
+            except (TransportError, StoreError) as exc:
+                log.warning("reply receive failed: %s", exc)
+                await asyncio.sleep(0.5)
+                continue
+            for d in deliveries:
+                task = asyncio.get_running_loop().create_task(self._handle(d))
+                self._inflight.add(task)
+                task.add_done_callback(self._inflight.discard)
+
+    async def _handle(self, d: Delivery) -> None:
+        msg = d.message
+        engine = self.rt.engine
+        extra = None
+        recorded: list[bool] = []
+        if msg is not None and msg.kind == "reply" and "x-run" in msg.headers and msg.type not in (WAKE, CANCEL):
+            extra = _recorder(msg, recorded, self.rt.clock.now())
+        settlement = Settlement(
+            self.group, msg.id if msg else "", msg.flow_id if msg else None, "ok",
+            queue_id=d.queue_id, lease=d.lease, extra=extra,
+        )
+        try:
+            result, relay = await self.rt.store.settle(settlement, self.rt.clock.now(), self.rt.delivery_mode)
+            await self.rt.relay(relay)
+            if not self.rt.transport.store_bound and self.sub is not None:
+                await self.sub.ack([d])
+        except (TransportError, StoreError) as exc:
+            log.warning("reply not settled (%s); it will come again", exc)
+            return
+        if msg is None or result == "stale":
+            return
+        try:
+            if msg.type == WAKE:
+                await engine.on_wake(msg)
+            elif msg.type == CANCEL:
+                engine.cancel_local(str((msg.payload or {}).get("run_id")))
+            elif "x-run" in msg.headers:
+                await engine.on_reply(msg, bool(recorded and recorded[0]))
+            else:
+                fut = self.calls.get(msg.causation_id or "")
+                if fut is not None and not fut.done():
+                    fut.set_result(msg.payload)
+        except Exception:  # a workflow-side failure must not kill the inbox
+            log.exception("handling reply %s failed", msg.id)
+
+
+def _recorder(msg: Message, recorded: list[bool], now: float) -> Any:
+    body = msg.payload if isinstance(msg.payload, dict) else {}
+    ok = bool(body.get("ok"))
+    error = reply_error(body)
+    run_id, key = msg.headers["x-run"], int(msg.headers.get("x-key", "-1"))
+
+    def record(em: Emitter) -> None:
+        recorded.append(
+            ops.record_reply(
+                em.tx, run_id, key, ok, body.get("result") if ok else error,
+                None if ok else str(error.get("error_type")), None if ok else str(error.get("error")), now,
+            )
+        )
+
+    return record

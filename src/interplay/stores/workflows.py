@@ -1,0 +1,325 @@
+"""Ops for workflow runs: creation, leases, the journal, waits, completion.
+
+Every journal write by the run's executor is *fenced*: it commits only if this
+orchestrator still owns the run (``owner`` matches and the run is still running),
+so an orchestrator that lost its lease (paused, partitioned) can never write over
+the one that took the run over. Recording a command's reply is not fenced: it is a
+fact about the world, the same whoever writes it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import orjson
+
+from .messaging import Emitter
+from .records import JournalEntry, Outgoing, RunRow, SpanRecord
+from .tx import Tx
+
+__all__ = [
+    "ACTIVE",
+    "TERMINAL",
+    "claim_runs",
+    "create_run",
+    "finish_run",
+    "get_run",
+    "heartbeat",
+    "list_runs",
+    "load_journal",
+    "record_reply",
+    "register_wait",
+    "request_cancel",
+    "resume_run",
+    "write_step",
+]
+
+ACTIVE = ("pending", "running")
+TERMINAL = frozenset({"completed", "failed", "compensated", "cancelled"})
+
+RUN_COLUMNS = (
+    "run_id, workflow, flow_id, parent_run, parent_seq, status, input, result, error_type, error, "
+    "owner, lease_until, cancel_requested, created, updated"
+)
+_JOURNAL_COLUMNS = "run_id, seq, kind, name, status, msg_id, data, error_type, error, started, ended, deadline"
+
+
+def _json(value: Any) -> str | None:
+    return None if value is None else orjson.dumps(value).decode()
+
+
+def _unjson(text: Any) -> Any:
+    return None if text is None else orjson.loads(text)
+
+
+def run_row(r: Any) -> RunRow:
+    """A ``RUN_COLUMNS`` row as a record."""
+    return RunRow(
+        run_id=r[0], workflow=r[1], flow_id=r[2], parent_run=r[3],
+        parent_seq=None if r[4] is None else int(r[4]), status=r[5], input=_unjson(r[6]),
+        result=_unjson(r[7]), error_type=r[8], error=r[9], owner=r[10],
+        lease_until=None if r[11] is None else float(r[11]), cancel_requested=bool(r[12]),
+        created=float(r[13]), updated=float(r[14]),
+    )
+
+
+def _entry(r: Any) -> JournalEntry:
+    return JournalEntry(
+        run_id=r[0], seq=int(r[1]), kind=r[2], name=r[3], status=r[4], msg_id=r[5], data=_unjson(r[6]),
+        error_type=r[7], error=r[8], started=float(r[9]), ended=None if r[10] is None else float(r[10]),
+        deadline=None if r[11] is None else float(r[11]),
+    )
+
+
+def get_run(tx: Tx, run_id: str) -> RunRow | None:
+    """One run, or None."""
+    row = tx.one(f"SELECT {RUN_COLUMNS} FROM ip_runs WHERE run_id = ?", (run_id,))
+    return None if row is None else run_row(row)
+
+
+def create_run(em: Emitter, run: RunRow, root: Outgoing) -> tuple[bool, RunRow]:
+    """Insert a run unless one with its id exists; returns (created, the run).
+
+    ``root`` is the run's start record in the trace (and opens its flow).
+    """
+    created = em.tx.execute(
+        f"INSERT INTO ip_runs ({RUN_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
+        "ON CONFLICT DO NOTHING",
+        (run.run_id, run.workflow, run.flow_id, run.parent_run, run.parent_seq, run.status, _json(run.input),
+         None, None, None, run.owner, run.lease_until, 0, run.created, run.created),
+    ).rowcount
+    if not created:
+        existing = get_run(em.tx, run.run_id)
+        assert existing is not None
+        return False, existing
+    em.emit([root])
+    return True, run
+
+
+def claim_runs(tx: Tx, claim_sql: str, owner: str, limit: int, now: float, lease: float) -> list[RunRow]:
+    """Take over runs nobody owns (new, or whose owner stopped heartbeating)."""
+    rows = tx.all(claim_sql, (owner, now + lease, now, now, limit))
+    return [run_row(r) for r in rows]
+
+
+def heartbeat(tx: Tx, owner: str, now: float, lease: float) -> set[str]:
+    """Extend the lease on every run this owner holds; returns their ids."""
+    tx.execute(
+        "UPDATE ip_runs SET lease_until = ? WHERE owner = ? AND status IN ('pending', 'running')",
+        (now + lease, owner),
+    )
+    return {r[0] for r in tx.all("SELECT run_id FROM ip_runs WHERE owner = ? AND status = 'running'", (owner,))}
+
+
+def _fence(tx: Tx, run_id: str, owner: str, now: float) -> bool:
+    return bool(
+        tx.execute(
+            "UPDATE ip_runs SET updated = ? WHERE run_id = ? AND owner = ? AND status = 'running'",
+            (now, run_id, owner),
+        ).rowcount
+    )
+
+
+def _upsert(tx: Tx, e: JournalEntry) -> None:
+    tx.execute(
+        f"INSERT INTO ip_journal ({_JOURNAL_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
+        "ON CONFLICT (run_id, seq) DO UPDATE SET status = excluded.status, data = excluded.data, "
+        "error_type = excluded.error_type, error = excluded.error, ended = excluded.ended, "
+        "msg_id = COALESCE(excluded.msg_id, ip_journal.msg_id)",
+        (e.run_id, e.seq, e.kind, e.name, e.status, e.msg_id, _json(e.data), e.error_type, e.error, e.started,
+         e.ended, e.deadline),
+    )
+
+
+def _spans(tx: Tx, spans: Sequence[SpanRecord]) -> None:
+    for sp in spans:
+        tx.execute(
+            "INSERT INTO ip_spans (flow_id, msg_id, service, handler, type, started, ended, outcome, error, "
+            "attempt) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (sp.flow_id, sp.msg_id, sp.service, sp.handler, sp.type, sp.started, sp.ended, sp.outcome, sp.error,
+             sp.attempt),
+        )
+
+
+def write_step(
+    em: Emitter,
+    owner: str,
+    entry: JournalEntry,
+    outgoing: Sequence[Outgoing] = (),
+    spans: Sequence[SpanRecord] = (),
+    *,
+    only_if_scheduled: bool = False,
+    clear_wait: bool = False,
+) -> bool:
+    """Journal a step (and send what it sends), if this owner still holds the run.
+
+    With ``only_if_scheduled`` the entry is only moved out of ``scheduled`` (a timer
+    firing, a timeout) and False is returned if something else finished it first.
+    """
+    tx = em.tx
+    if not _fence(tx, entry.run_id, owner, em.now):
+        return False
+    if only_if_scheduled:
+        changed = tx.execute(
+            "UPDATE ip_journal SET status = ?, data = ?, error_type = ?, error = ?, ended = ? "
+            "WHERE run_id = ? AND seq = ? AND status = 'scheduled'",
+            (entry.status, _json(entry.data), entry.error_type, entry.error, entry.ended, entry.run_id, entry.seq),
+        ).rowcount
+        if not changed:
+            return False
+    else:
+        _upsert(tx, entry)
+    if clear_wait:
+        tx.execute("DELETE FROM ip_waits WHERE run_id = ? AND seq = ?", (entry.run_id, entry.seq))
+    em.emit(outgoing)
+    _spans(tx, spans)
+    return True
+
+
+def record_reply(tx: Tx, run_id: str, seq: int, ok: bool, data: Any, error_type: str | None, error: str | None,
+                 now: float) -> bool:
+    """Record a command's reply on its scheduled step; False if the step was already settled."""
+    return bool(
+        tx.execute(
+            "UPDATE ip_journal SET status = ?, data = ?, error_type = ?, error = ?, ended = ? "
+            "WHERE run_id = ? AND seq = ? AND status = 'scheduled'",
+            ("completed" if ok else "failed", _json(data), error_type, error, now, run_id, seq),
+        ).rowcount
+    )
+
+
+def register_wait(
+    em: Emitter, owner: str, entry: JournalEntry, flow_id: str, wait_type: str, consumed: Sequence[str]
+) -> list[tuple[str, Any]] | None:
+    """Journal a wait and subscribe the run to ``wait_type`` in its flow.
+
+    Returns what already happened (events of that type in the flow not consumed by
+    this run, oldest first; or a finished child run), or None if the lease was lost.
+    Registering and scanning in one transaction leaves no gap for an event to slip by.
+    """
+    tx = em.tx
+    if not _fence(tx, entry.run_id, owner, em.now):
+        return None
+    _upsert(tx, entry)
+    tx.execute(
+        "INSERT INTO ip_waits (run_id, seq, flow_id, type) VALUES (?, ?, ?, ?) ON CONFLICT DO NOTHING",
+        (entry.run_id, entry.seq, flow_id, wait_type),
+    )
+    if wait_type.startswith("@run:"):
+        child = get_run(tx, wait_type[5:])
+        if child is None or child.status not in TERMINAL:
+            return []
+        return [("", {"status": child.status, "result": child.result, "error_type": child.error_type,
+                      "error": child.error})]
+    seen = set(consumed)
+    return [
+        (r[0], _unjson(r[1]))
+        for r in tx.all(
+            "SELECT id, payload FROM ip_messages WHERE flow_id = ? AND type = ? AND kind = 'event' "
+            "ORDER BY time, id",
+            (flow_id, wait_type),
+        )
+        if r[0] not in seen
+    ]
+
+
+def finish_run(
+    em: Emitter, run: RunRow, owner: str, status: str, result: Any, error_type: str | None, error: str | None,
+    span: SpanRecord,
+) -> bool:
+    """End a run: its status and result, its flow's status, and wake a waiting parent."""
+    tx = em.tx
+    ended = tx.execute(
+        "UPDATE ip_runs SET status = ?, result = ?, error_type = ?, error = ?, owner = NULL, lease_until = NULL, "
+        "updated = ? WHERE run_id = ? AND owner = ? AND status = 'running'",
+        (status, _json(result), error_type, error, em.now, run.run_id, owner),
+    ).rowcount
+    if not ended:
+        return False
+    tx.execute("DELETE FROM ip_waits WHERE run_id = ?", (run.run_id,))
+    if run.flow_id == run.run_id:  # the run opened this flow: the flow ends with it
+        tx.execute(
+            "UPDATE ip_flows SET status = ?, ended = ?, updated = ? WHERE flow_id = ? AND kind = 'workflow'",
+            (status, em.now, em.now, run.flow_id),
+        )
+    _spans(tx, [span])
+    em.wake_waiters(
+        run.flow_id, f"@run:{run.run_id}", None,
+        payload={"status": status, "result": result, "error_type": error_type, "error": error},
+    )
+    return True
+
+
+def park_flow(tx: Tx, run: RunRow, status: str, now: float) -> None:
+    """Mirror a run's status on the flow it opened."""
+    if run.flow_id == run.run_id:
+        tx.execute(
+            "UPDATE ip_flows SET status = ?, updated = ? WHERE flow_id = ? AND kind = 'workflow'",
+            (status, now, run.flow_id),
+        )
+
+
+def request_cancel(em: Emitter, run_id: str, control: Callable[[str], Outgoing]) -> RunRow | None:
+    """Flag a run for cancellation; returns it (None if it is not active)."""
+    changed = em.tx.execute(
+        "UPDATE ip_runs SET cancel_requested = 1, updated = ? WHERE run_id = ? AND status IN ('pending', 'running')",
+        (em.now, run_id),
+    ).rowcount
+    run = get_run(em.tx, run_id)
+    if not changed or run is None:
+        return None
+    if run.owner:
+        em.route(control(run.owner))
+    return run
+
+
+def resume_run(tx: Tx, run_id: str, now: float) -> RunRow | None:
+    """Make a parked run claimable again (after its code was fixed)."""
+    changed = tx.execute(
+        "UPDATE ip_runs SET status = 'running', owner = NULL, lease_until = NULL, error_type = NULL, "
+        "error = NULL, updated = ? WHERE run_id = ? AND status = 'parked'",
+        (now, run_id),
+    ).rowcount
+    run = get_run(tx, run_id)
+    if changed and run is not None:
+        park_flow(tx, run, "running", now)
+        return run
+    return None
+
+
+def park_run(tx: Tx, run: RunRow, owner: str, error_type: str, error: str, now: float) -> bool:
+    """Park a run whose replay diverged from its journal (visible, resumable)."""
+    parked = tx.execute(
+        "UPDATE ip_runs SET status = 'parked', error_type = ?, error = ?, owner = NULL, lease_until = NULL, "
+        "updated = ? WHERE run_id = ? AND owner = ? AND status = 'running'",
+        (error_type, error, now, run.run_id, owner),
+    ).rowcount
+    if parked:
+        park_flow(tx, run, "parked", now)
+    return bool(parked)
+
+
+def load_journal(tx: Tx, run_id: str) -> list[JournalEntry]:
+    """A run's journal in step order."""
+    return [
+        _entry(r)
+        for r in tx.all(f"SELECT {_JOURNAL_COLUMNS} FROM ip_journal WHERE run_id = ? ORDER BY seq", (run_id,))
+    ]
+
+
+def list_runs(tx: Tx, status: str | None, workflow: str | None, limit: int) -> list[RunRow]:
+    """Runs, newest first."""
+    where: list[str] = ["1 = 1"]
+    params: list[Any] = []
+    if status:
+        where.append("status = ?")
+        params.append(status)
+    if workflow:
+        where.append("workflow = ?")
+        params.append(workflow)
+    rows = tx.all(
+        f"SELECT {RUN_COLUMNS} FROM ip_runs WHERE {' AND '.join(where)} ORDER BY created DESC LIMIT ?",
+        (*params, limit),
+    )
+    return [run_row(r) for r in rows]

@@ -1,0 +1,443 @@
+"""The durable step primitives, as the engine executes them.
+
+Each takes the run's state and the step's journal key. If the journal has the step
+(replay), its recorded outcome is returned or raised again; otherwise the step is
+done and journaled - and what it sends is committed in the same transaction as its
+journal entry, so a crash never sends without recording or records without sending.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, get_type_hints
+
+from ..dispatch import reply_error, reply_result
+from ..errors import StepFailed, StepTimeout, WorkflowCancelled
+from ..message import Message
+from ..payloads import to_json
+from ..stores import workflows as ops
+from ..stores.messaging import Emitter
+from ..stores.records import JournalEntry, Outgoing, RunRow, SpanRecord
+from ..stores.tx import Transaction
+from ..transports.base import reply_route
+from .context import SUB, ChildHandle, args_digest, step_failed
+
+if TYPE_CHECKING:
+    from ..runtime import Runtime
+    from .engine import RunState
+
+__all__ = ["LeaseLost", "Steps"]
+
+
+class LeaseLost(Exception):
+    """This orchestrator no longer owns the run; stop executing it."""
+
+
+@dataclass(eq=False)
+class Waiter:
+    """A wait in progress: the predicate and the future the workflow awaits."""
+
+    state: RunState
+    key: int
+    kind: str
+    name: str
+    match: Callable[[Any], bool]
+    future: asyncio.Future[Any]
+
+
+class Steps:
+    """Step execution, mixed into the Engine."""
+
+    rt: Runtime
+    owner: str
+    replies: dict[str, asyncio.Future[Any]]
+    waiters: dict[tuple[str, int], Any]
+
+    def launch(self, run: RunRow, journal: dict[int, JournalEntry]) -> RunState:
+        raise NotImplementedError
+
+    def _root(self, run: RunRow, *, causation_id: str | None, source: str, flow_start: Any) -> Outgoing:
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ plumbing
+    async def write(
+        self, state: RunState, entry: JournalEntry, outgoing: Sequence[Outgoing] = (),
+        spans: Sequence[SpanRecord] = (), *, only_if_scheduled: bool = False, clear_wait: bool = False,
+    ) -> bool:
+        """Journal ``entry`` (fenced by ownership); raises LeaseLost unless ``only_if_scheduled``."""
+        ok, relay = await self.rt.store.emitting(
+            self.rt.clock.now(), self.rt.delivery_mode,
+            lambda em: ops.write_step(em, self.owner, entry, outgoing, spans, only_if_scheduled=only_if_scheduled,
+                                      clear_wait=clear_wait),
+        )
+        if ok:
+            state.journal[entry.seq] = entry
+            await self.rt.relay(relay)
+        elif not only_if_scheduled:
+            raise LeaseLost(state.run.run_id)
+        return ok
+
+    def _fresh(self, state: RunState) -> None:
+        """Before doing new work: a cancelled run stops here (unless compensating)."""
+        if state.cancelled and not state.compensating:
+            raise WorkflowCancelled(f"run {state.run.run_id} was cancelled")
+
+    async def _await(self, state: RunState, fut: asyncio.Future[Any], deadline: float | None, what: str,
+                     timeout: float | None) -> Any:
+        """Wait for ``fut``; StepTimeout at ``deadline`` (clock time); cancellable."""
+        state.waiting.add(fut)
+        try:
+            if deadline is None:
+                return await fut
+            timer = asyncio.get_running_loop().create_task(self.rt.clock.sleep(deadline - self.rt.clock.now()))
+            try:
+                await asyncio.wait({fut, timer}, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                timer.cancel()
+            if fut.done():
+                return fut.result()
+            raise StepTimeout(what, timeout or 0.0)
+        finally:
+            state.waiting.discard(fut)
+
+    def _now(self) -> float:
+        return self.rt.clock.now()
+
+    def _entry(self, state: RunState, key: int, kind: str, name: str, status: str, **fields: Any) -> JournalEntry:
+        now = self._now()
+        return JournalEntry(state.run.run_id, key, kind, name, status, started=fields.pop("started", now),
+                            ended=None if status == "scheduled" else now, **fields)
+
+    # ------------------------------------------------------------------ commands
+    async def call(self, state: RunState, key: int, target: str, data: Any, timeout: float | None) -> Any:
+        """Send a command and wait for its reply (see WorkflowContext.call)."""
+        assert state.ctx is not None
+        digest = args_digest(data)
+        entry = state.ctx.check(key, "call", target, digest)
+        if entry is not None and entry.status != "scheduled":
+            return _outcome(entry)
+        self._fresh(state)
+        fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        run = state.run
+        headers = {"reply_to": reply_route(self.owner), "x-run": run.run_id, "x-key": str(key)}
+        if entry is None:
+            msg = Message(type=target, payload=data, kind="command", flow_id=run.flow_id,
+                          causation_id=state.root_id, source=state.source, headers=headers)
+            self.replies[msg.id] = fut
+            deadline = None if timeout is None else self._now() + timeout
+            entry = self._entry(state, key, "call", target, "scheduled", msg_id=msg.id, data={"args": digest},
+                                deadline=deadline)
+            await self.write(state, entry, [self.rt.app.topology.outgoing(msg)])
+        else:
+            # In flight when its previous owner stopped: send it again with the same id;
+            # the service's inbox answers from the reply it stored the first time.
+            assert entry.msg_id is not None
+            msg = Message(type=target, payload=data, kind="command", id=entry.msg_id, flow_id=run.flow_id,
+                          causation_id=state.root_id, source=state.source, headers=headers)
+            self.replies[msg.id] = fut
+            await self.rt.send([self.rt.app.topology.outgoing(msg)])
+        try:
+            body = await self._await(state, fut, entry.deadline, target, timeout)
+        except StepTimeout:
+            failed = self._entry(state, key, "call", target, "failed", error_type="StepTimeout",
+                                 error=f"no reply within {timeout:g}s", data=timeout, started=entry.started)
+            if await self.write(state, failed, only_if_scheduled=True):
+                raise
+            return _outcome(await self._reload(state, key))  # the reply won the race
+        finally:
+            self.replies.pop(msg.id, None)
+        return reply_result(target, body)
+
+    async def on_reply(self, msg: Message, recorded: bool) -> None:
+        """A command's reply was committed to the journal; resume the workflow awaiting it."""
+        run_id, key = msg.headers.get("x-run"), msg.headers.get("x-key")
+        state = self.active_state(run_id)
+        if state is not None and key is not None and recorded:
+            body = msg.payload if isinstance(msg.payload, dict) else {}
+            ok = bool(body.get("ok"))
+            error = reply_error(body)
+            old = state.journal.get(int(key))
+            state.journal[int(key)] = JournalEntry(
+                msg.headers.get("x-run", ""), int(key), "call", msg.type, "completed" if ok else "failed",
+                msg_id=msg.causation_id, data=body.get("result") if ok else error,
+                error_type=None if ok else error.get("error_type"), error=None if ok else error.get("error"),
+                started=old.started if old else self._now(), ended=self._now(),
+            )
+        fut = self.replies.get(msg.causation_id or "")
+        if fut is not None and not fut.done():
+            fut.set_result(msg.payload)
+
+    def active_state(self, run_id: str | None) -> RunState | None:
+        """The state of a run executing here."""
+        raise NotImplementedError
+
+    async def _reload(self, state: RunState, key: int) -> JournalEntry:
+        for entry in await self.rt.store.load_journal(state.run.run_id):
+            if entry.seq == key:
+                state.journal[key] = entry
+                return entry
+        raise LeaseLost(state.run.run_id)
+
+    # ------------------------------------------------------------------ local steps
+    async def step(self, state: RunState, key: int, name: str, fn: Callable[..., Any], args: tuple[Any, ...],
+                   timeout: float | None, transactional: bool = False) -> Any:
+        """Run a local function as a journaled step (see WorkflowContext.step)."""
+        assert state.ctx is not None
+        entry = state.ctx.check(key, "step", name)
+        if entry is not None:
+            return _outcome(entry)
+        self._fresh(state)
+        if transactional or _wants_transaction(fn):
+            return await self._transaction_step(state, key, name, fn, args)
+        started = self._now()
+        try:
+            if inspect.iscoroutinefunction(fn):
+                result = await asyncio.wait_for(fn(*args), timeout)
+            else:
+                result = await asyncio.wait_for(asyncio.to_thread(fn, *args), timeout)
+        except (TimeoutError, Exception) as exc:
+            error_type = "StepTimeout" if isinstance(exc, TimeoutError) else type(exc).__name__
+            error = f"no result within {timeout:g}s" if isinstance(exc, TimeoutError) else str(exc)
+            record, span = self._step_record(state, name, None, started, "failed", f"{error_type}: {error}")
+            await self.write(state, self._entry(state, key, "step", name, "failed", error_type=error_type,
+                                                error=error, started=started), [record], [span])
+            raise StepFailed(name, error_type, error) from exc
+        data = to_json(result)
+        record, span = self._step_record(state, name, data, started, "ok", None)
+        await self.write(state, self._entry(state, key, "step", name, "completed", data=data, started=started),
+                         [record], [span])
+        return data
+
+    async def _transaction_step(self, state: RunState, key: int, name: str, fn: Callable[..., Any],
+                                args: tuple[Any, ...]) -> Any:
+        started = self._now()
+        placeholder, _ = self._step_record(state, name, None, started, "ok", None)
+
+        def op(em: Emitter) -> tuple[bool, Any, str | None, str | None]:
+            tx = em.tx
+            tx.execute("SAVEPOINT ip_step")
+            try:
+                data = to_json(fn(Transaction(tx), *args))
+                tx.execute("RELEASE SAVEPOINT ip_step")
+                failure: tuple[str, str] | None = None
+            except Exception as exc:  # the step's own writes are undone; the failure is journaled
+                tx.execute("ROLLBACK TO SAVEPOINT ip_step")
+                tx.execute("RELEASE SAVEPOINT ip_step")
+                data, failure = None, (type(exc).__name__, str(exc))
+            status = "completed" if failure is None else "failed"
+            entry = self._entry(state, key, "step", name, status, data=data, started=started,
+                                error_type=failure and failure[0], error=failure and failure[1])
+            record = Outgoing(_with_payload(placeholder.message, data), route="", body=b"")
+            span = _span(state, record.message, name, started, self._now(), "ok" if failure is None else "failed",
+                         None if failure is None else f"{failure[0]}: {failure[1]}")
+            if not ops.write_step(em, self.owner, entry, [record], [span]):
+                return False, None, None, None
+            state.journal[key] = entry
+            return True, data, failure and failure[0], failure and failure[1]
+
+        (ok, data, error_type, error), _ = await self.rt.store.emitting(self._now(), self.rt.delivery_mode, op)
+        if not ok:
+            raise LeaseLost(state.run.run_id)
+        if error_type is not None:
+            raise StepFailed(name, error_type, error or "")
+        return data
+
+    def _step_record(self, state: RunState, name: str, data: Any, started: float, outcome: str,
+                     error: str | None) -> tuple[Outgoing, SpanRecord]:
+        msg = Message(type=name, payload=data, kind="step", flow_id=state.run.flow_id,
+                      causation_id=state.root_id, source=state.source, time=started)
+        return Outgoing(msg, route="", body=b""), _span(state, msg, name, started, self._now(), outcome, error)
+
+    # ------------------------------------------------------------------ events, waits, timers
+    async def emit(self, state: RunState, key: int, event: str, data: Any) -> str:
+        """Emit an event in the run's flow, once."""
+        assert state.ctx is not None
+        entry = state.ctx.check(key, "emit", event)
+        if entry is not None:
+            return entry.msg_id or ""
+        self._fresh(state)
+        msg = Message(type=event, payload=data, kind="event", flow_id=state.run.flow_id,
+                      causation_id=state.root_id, source=state.source)
+        await self.write(state, self._entry(state, key, "emit", event, "completed", msg_id=msg.id),
+                         [self.rt.app.topology.outgoing(msg)])
+        return msg.id
+
+    async def wait(self, state: RunState, key: int, kind: str, name: str, wait_type: str,
+                   match: Callable[[Any], bool], timeout: float | None) -> Any:
+        """Wait for an event (or a child run) in the run's flow; returns its payload."""
+        assert state.ctx is not None
+        entry = state.ctx.check(key, kind, name)
+        if entry is not None and entry.status != "scheduled":
+            return _outcome(entry)["payload"] if entry.status == "completed" else _outcome(entry)
+        self._fresh(state)
+        if entry is None:
+            deadline = None if timeout is None else self._now() + timeout
+            entry = self._entry(state, key, kind, name, "scheduled", deadline=deadline)
+        consumed = [
+            e.data["message_id"] for e in state.journal.values()
+            if e.kind == "wait" and e.status == "completed" and isinstance(e.data, dict) and e.data.get("message_id")
+        ]
+        fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        waiter = Waiter(state, key, kind, name, match, fut)
+        self.waiters[(state.run.run_id, key)] = waiter
+        registering = entry
+        try:
+            found, _ = await self.rt.store.emitting(
+                self._now(), self.rt.delivery_mode,
+                lambda em: ops.register_wait(em, self.owner, registering, state.run.flow_id, wait_type, consumed),
+            )
+            if found is None:
+                raise LeaseLost(state.run.run_id)
+            state.journal[key] = entry
+            for msg_id, payload in found:
+                if await self.offer(waiter, msg_id, payload):
+                    break
+            try:
+                return await self._await(state, fut, entry.deadline, name, timeout)
+            except StepTimeout:
+                failed = self._entry(state, key, kind, name, "failed", error_type="StepTimeout",
+                                     error=f"nothing within {timeout:g}s", data=timeout, started=entry.started)
+                if await self.write(state, failed, only_if_scheduled=True, clear_wait=True):
+                    raise
+                done = await self._reload(state, key)
+                return _outcome(done)["payload"]
+        finally:
+            self.waiters.pop((state.run.run_id, key), None)
+
+    async def offer(self, waiter: Waiter, msg_id: str, payload: Any) -> bool:
+        """Give a waiter a candidate event; True if it matched and the wait completed."""
+        if waiter.future.done() or not waiter.match(payload):
+            return False
+        state = waiter.state
+        entry = self._entry(state, waiter.key, waiter.kind, waiter.name, "completed",
+                            data={"message_id": msg_id, "payload": payload}, started=state.journal[waiter.key].started)
+        spans = []
+        if msg_id:
+            now = self._now()
+            spans.append(SpanRecord(state.run.flow_id, msg_id, state.source, "wait_for", waiter.name, now, now,
+                                    "ok", None, 1))
+        if await self.write(state, entry, spans=spans, only_if_scheduled=True, clear_wait=True):
+            if not waiter.future.done():
+                waiter.future.set_result(payload)
+            return True
+        return False
+
+    async def on_wake(self, msg: Message) -> None:
+        """An awaited event (or child run) happened: offer it to the waiter."""
+        body = msg.payload if isinstance(msg.payload, dict) else {}
+        waiter = self.waiters.get((str(body.get("run_id")), int(body.get("seq", -1))))
+        if waiter is not None:
+            await self.offer(waiter, str(body.get("message_id") or ""), body.get("payload"))
+
+    async def sleep(self, state: RunState, key: int, seconds: float) -> None:
+        """A durable timer."""
+        assert state.ctx is not None
+        entry = state.ctx.check(key, "sleep", "sleep")
+        if entry is not None and entry.status == "completed":
+            return
+        self._fresh(state)
+        if entry is None:
+            entry = self._entry(state, key, "sleep", "sleep", "scheduled", deadline=self._now() + seconds,
+                                data=seconds)
+            await self.write(state, entry)
+        fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        assert entry.deadline is not None
+        deadline = entry.deadline
+
+        async def ring() -> None:
+            await self.rt.clock.sleep(deadline - self._now())
+            if not fut.done():
+                fut.set_result(None)
+
+        timer = asyncio.get_running_loop().create_task(ring())
+        try:
+            await self._await(state, fut, None, "sleep", None)
+        finally:
+            timer.cancel()
+        await self.write(state, self._entry(state, key, "sleep", "sleep", "completed", data=seconds,
+                                            started=entry.started), only_if_scheduled=True)
+
+    def now(self, state: RunState, key: int) -> float:
+        """The journaled time (recorded without waiting: the writes stay in order)."""
+        assert state.ctx is not None
+        entry = state.ctx.check(key, "now", "now")
+        if entry is not None:
+            return float(entry.data)
+        value = self._now()
+        entry = self._entry(state, key, "now", "now", "completed", data=value)
+        state.journal[key] = entry
+        task = asyncio.get_running_loop().create_task(self.write(state, entry))
+        state.background.add(task)
+        task.add_done_callback(state.background.discard)
+        return value
+
+    # ------------------------------------------------------------------ children
+    async def start_child(self, state: RunState, key: int, workflow: str, data: Any,
+                          child_id: str | None) -> ChildHandle:
+        """Start a child run in this flow, owned (at first) by this orchestrator."""
+        assert state.ctx is not None
+        entry = state.ctx.check(key, "child", workflow)
+        if entry is not None:
+            return ChildHandle(state.ctx, str((entry.data or {}).get("run_id")))
+        self._fresh(state)
+        run_id = child_id or f"{state.run.run_id}-{key // SUB}"
+        now = self._now()
+        child = RunRow(
+            run_id=run_id, workflow=workflow, flow_id=state.run.flow_id, parent_run=state.run.run_id,
+            parent_seq=key, status="running", input=data, result=None, error_type=None, error=None,
+            owner=self.owner, lease_until=now + self.rt.options.run_lease, cancel_requested=False,
+            created=now, updated=now,
+        )
+        root = self._root(child, causation_id=state.root_id, source=state.source, flow_start=None)
+        entry = self._entry(state, key, "child", workflow, "completed", data={"run_id": run_id})
+
+        def op(em: Emitter) -> tuple[bool, RunRow | None]:
+            if not ops.write_step(em, self.owner, entry):
+                return False, None
+            return ops.create_run(em, child, root)
+
+        (created, row), relay = await self.rt.store.emitting(now, self.rt.delivery_mode, op)
+        if row is None:
+            raise LeaseLost(state.run.run_id)
+        state.journal[key] = entry
+        await self.rt.relay(relay)
+        if created:
+            self.launch(row, {})
+        return ChildHandle(state.ctx, run_id)
+
+    async def child_result(self, state: RunState, key: int, child_id: str, timeout: float | None) -> Any:
+        """Wait for a child run to end; its result, or StepFailed."""
+        outcome = await self.wait(state, key, "child_result", child_id, f"@run:{child_id}", lambda p: True, timeout)
+        if not isinstance(outcome, dict) or outcome.get("status") != "completed":
+            info = outcome if isinstance(outcome, dict) else {}
+            raise StepFailed(f"workflow run {child_id}", str(info.get("error_type") or info.get("status")),
+                             str(info.get("error") or ""), info)
+        return outcome.get("result")
+
+
+def _outcome(entry: JournalEntry) -> Any:
+    if entry.status == "failed":
+        raise step_failed(entry)
+    return entry.data
+
+
+def _span(state: RunState, msg: Message, name: str, started: float, ended: float, outcome: str,
+          error: str | None) -> SpanRecord:
+    return SpanRecord(state.run.flow_id, msg.id, state.source, name, name, started, ended, outcome, error, 1)
+
+
+def _with_payload(msg: Message, data: Any) -> Message:
+    msg.payload = data
+    return msg
+
+
+def _wants_transaction(fn: Callable[..., Any]) -> bool:
+    try:
+        params = list(inspect.signature(fn).parameters.values())
+        hints = get_type_hints(fn)
+    except (TypeError, ValueError, NameError):
+        return False
+    return bool(params) and hints.get(params[0].name) is Transaction
