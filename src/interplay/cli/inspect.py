@@ -15,14 +15,14 @@ from ..runtime import Runtime
 from ..tracing.render import STATUS_STYLE
 from .common import BusOption, StoreOption, console, fail, run_async
 
-__all__ = ["dlq_app", "register"]
+__all__ = ["dlq_app", "register", "tool_runtime"]
 
 dlq_app = typer.Typer(help="Inspect, replay and drop dead letters.", no_args_is_help=True)
 
 FLOW_STATUSES = ("running", "completed", "failed", "stuck", "compensated", "cancelled", "parked", "waiting")
 
 
-def _tool_runtime(store: str, bus: str | None = None) -> Runtime:
+def tool_runtime(store: str, bus: str | None = None) -> Runtime:
     """A runtime that hosts nothing: just the store (and bus) to read and replay."""
     return App("interplay-cli").run(store=store, bus=bus, services=[], orchestrator=False)
 
@@ -42,7 +42,7 @@ def flows(
         raise fail(f"unknown status {status!r}; use one of {', '.join(FLOW_STATUSES)}", 2)
 
     async def main() -> None:
-        async with _tool_runtime(store) as rt:
+        async with tool_runtime(store) as rt:
             rows = await rt.flows(status=status, name=name, limit=limit)
         table = Table(title=f"flows in {rt.store.url}", title_justify="left")
         for col in ("flow id", "name", "kind", "status", "started", "pending", "dead", "last step"):
@@ -66,7 +66,7 @@ def trace(
     """Show one flow as a tree: every message, who handled it, how it went."""
 
     async def main() -> None:
-        async with _tool_runtime(store) as rt:
+        async with tool_runtime(store) as rt:
             flow = await rt.trace(flow_id)
         if as_json:
             data = {
@@ -90,7 +90,7 @@ def dlq_list(
     """List dead letters with their reason and last error."""
 
     async def main() -> None:
-        async with _tool_runtime(store) as rt:
+        async with tool_runtime(store) as rt:
             rows = await rt.dlq(limit, service=service)
         table = Table(title="dead letters", title_justify="left")
         for col in ("id", "time", "service", "type", "reason", "attempts", "error", "flow id"):
@@ -123,7 +123,7 @@ def dlq_replay(
     """Send dead letters back to the service that failed them (same message id)."""
 
     async def main() -> None:
-        async with _tool_runtime(store, bus) as rt:
+        async with tool_runtime(store, bus) as rt:
             chosen = _resolve_ids(rt, ids or [], everything)
             if everything:
                 chosen = [d.id for d in await rt.dlq(1_000_000)]
@@ -148,7 +148,7 @@ def dlq_drop(
     """Delete dead letters for good."""
 
     async def main() -> None:
-        async with _tool_runtime(store) as rt:
+        async with tool_runtime(store) as rt:
             chosen = _resolve_ids(rt, ids or [], everything)
             if everything:
                 chosen = [d.id for d in await rt.dlq(1_000_000)]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from . import demo, inspect, run
+from . import demo, inspect, run, workflows
 
 __all__ = ["cli", "main"]
 
@@ -18,6 +18,7 @@ cli = typer.Typer(
 demo.register(cli)
 run.register(cli)
 inspect.register(cli)
+workflows.register(cli)
 
 
 def main() -> None:
