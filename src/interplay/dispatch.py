@@ -17,8 +17,9 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
+from .commands import is_workflow_reply, recorder, reply_body
 from .context import Context
-from .errors import Reject, StepFailed, StoreError, TransportError, ValidationFailed
+from .errors import Reject, StoreError, TransportError, ValidationFailed
 from .message import Message, new_id
 from .payloads import to_json
 from .service import Failure, Handler, Service
@@ -28,28 +29,9 @@ from .transports.base import Delivery, Subscription
 if TYPE_CHECKING:
     from .runtime import Runtime
 
-__all__ = ["Consumer", "reply_body", "reply_error", "reply_result"]
+__all__ = ["Consumer"]
 
 log = logging.getLogger("interplay.dispatch")
-
-
-def reply_body(ok: bool, value: Any) -> dict[str, Any]:
-    """The payload of a command's reply: ``{"ok": true, "result": ...}`` or an error."""
-    return {"ok": True, "result": value} if ok else {"ok": False, "error": value}
-
-
-def reply_error(body: Any) -> dict[str, Any]:
-    """The ``Failure`` of an error reply, as a dict ({} when there is none)."""
-    error = body.get("error") if isinstance(body, dict) else None
-    return error if isinstance(error, dict) else {}
-
-
-def reply_result(target: str, body: Any) -> Any:
-    """The result a reply carries, or the StepFailed it stands for."""
-    if isinstance(body, dict) and body.get("ok"):
-        return body.get("result")
-    error = reply_error(body)
-    raise StepFailed(target, str(error.get("error_type", "Error")), str(error.get("error", body)), error)
 
 
 class Consumer:
@@ -339,16 +321,21 @@ class Consumer:
         settlement.queue_id, settlement.lease = d.queue_id, d.lease
         topology = rt.app.topology
         settlement.emits = [topology.outgoing(m) for m in emits]
+        for out in settlement.emits:
+            if out.route in rt.store.local_routes and is_workflow_reply(out.message):
+                # The calling workflow runs in this process: journal its step's result in
+                # this very transaction, and hand the reply over in memory after commit.
+                settlement.extra = recorder(out.message, rt.clock.now())
         result, relay = await rt.store.settle(settlement, rt.clock.now(), rt.delivery_mode)
         if result == "stale":
             log.info("%s: lease on %s lost before commit; another consumer owns it", self.group, settlement.msg_id)
             return
         self.handled += 1
+        await rt.relay(relay)  # to the broker, or in memory to this process's reply inbox
         if rt.transport.store_bound:
-            return
+            return  # the ack was part of the transaction
         assert self.sub is not None
         if settlement.outcome == "retry":
             await self.sub.nack(d, retry_delay)
-            return
-        await rt.relay(relay)
-        await self.sub.ack([d])
+        else:
+            await self.sub.ack([d])

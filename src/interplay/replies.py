@@ -12,14 +12,12 @@ import asyncio
 import logging
 from typing import TYPE_CHECKING, Any
 
-from .dispatch import reply_error
+from .commands import CANCEL, is_workflow_reply, recorder
 from .errors import StoreError, TransportError
 from .message import Message
-from .stores import workflows as ops
-from .stores.messaging import WAKE, Emitter
+from .stores.messaging import WAKE
 from .stores.records import Settlement
 from .transports.base import Delivery, Subscription, reply_route
-from .workflow.engine import CANCEL
 
 if TYPE_CHECKING:
     from .runtime import Runtime
@@ -43,6 +41,9 @@ class ReplyInbox:
 
     async def start(self) -> None:
         """Declare the reply route and start consuming it."""
+        # Messages for this route written by this process are handed over in memory
+        # (see Emitter.route); those from other processes arrive through the bus.
+        self.rt.store.local_routes.add(self.route)
         await self.rt.transport.declare(self.group, [self.route], ephemeral=True)
         self.sub = await self.rt.transport.subscribe(self.group, [self.route], lease=self.rt.options.lease)
         self._task = asyncio.get_running_loop().create_task(self._loop(), name="interplay-replies")
@@ -54,6 +55,7 @@ class ReplyInbox:
             await asyncio.gather(self._task, return_exceptions=True)
         if self._inflight:
             await asyncio.wait(self._inflight, timeout=self.rt.options.shutdown_grace)
+        self.rt.store.local_routes.discard(self.route)
         if self.sub is not None:
             await self.sub.close()
         try:
@@ -75,13 +77,17 @@ class ReplyInbox:
                 self._inflight.add(task)
                 task.add_done_callback(self._inflight.discard)
 
+    def deliver_local(self, msg: Message) -> None:
+        """Take a message for this route that this process wrote (already journaled)."""
+        task = asyncio.get_running_loop().create_task(self._dispatch(msg))
+        self._inflight.add(task)
+        task.add_done_callback(self._inflight.discard)
+
     async def _handle(self, d: Delivery) -> None:
         msg = d.message
-        engine = self.rt.engine
         extra = None
-        recorded: list[bool] = []
-        if msg is not None and msg.kind == "reply" and "x-run" in msg.headers and msg.type not in (WAKE, CANCEL):
-            extra = _recorder(msg, recorded, self.rt.clock.now())
+        if msg is not None and is_workflow_reply(msg):
+            extra = recorder(msg, self.rt.clock.now())
         settlement = Settlement(
             self.group, msg.id if msg else "", msg.flow_id if msg else None, "ok",
             queue_id=d.queue_id, lease=d.lease, extra=extra,
@@ -94,35 +100,21 @@ class ReplyInbox:
         except (TransportError, StoreError) as exc:
             log.warning("reply not settled (%s); it will come again", exc)
             return
-        if msg is None or result == "stale":
-            return
+        if msg is not None and result != "stale":
+            await self._dispatch(msg)
+
+    async def _dispatch(self, msg: Message) -> None:
+        engine = self.rt.engine
         try:
             if msg.type == WAKE:
                 await engine.on_wake(msg)
             elif msg.type == CANCEL:
                 engine.cancel_local(str((msg.payload or {}).get("run_id")))
             elif "x-run" in msg.headers:
-                await engine.on_reply(msg, bool(recorded and recorded[0]))
+                await engine.on_reply(msg)
             else:
                 fut = self.calls.get(msg.causation_id or "")
                 if fut is not None and not fut.done():
                     fut.set_result(msg.payload)
         except Exception:  # a workflow-side failure must not kill the inbox
             log.exception("handling reply %s failed", msg.id)
-
-
-def _recorder(msg: Message, recorded: list[bool], now: float) -> Any:
-    body = msg.payload if isinstance(msg.payload, dict) else {}
-    ok = bool(body.get("ok"))
-    error = reply_error(body)
-    run_id, key = msg.headers["x-run"], int(msg.headers.get("x-key", "-1"))
-
-    def record(em: Emitter) -> None:
-        recorded.append(
-            ops.record_reply(
-                em.tx, run_id, key, ok, body.get("result") if ok else error,
-                None if ok else str(error.get("error_type")), None if ok else str(error.get("error")), now,
-            )
-        )
-
-    return record

@@ -17,7 +17,8 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from .clock import Clock, SystemClock
-from .dispatch import Consumer, reply_result
+from .commands import reply_result
+from .dispatch import Consumer
 from .errors import ConfigurationError, NotFound, StepTimeout, StoreError, TransportError
 from .message import Message, new_id
 from .payloads import to_json
@@ -241,9 +242,16 @@ class Runtime:
         """
         if not relay:
             return
+        local = self.store.local_routes
+        remote = [o for o, _ in relay if o.route not in local]
+        for out, _ in relay:
+            if out.route in local:
+                self.replies.deliver_local(out.message)
+        if not remote:
+            return
         outbox_ids = [i for _, i in relay if i is not None]
         try:
-            await self.transport.publish([o for o, _ in relay])
+            await self.transport.publish(remote)
         except TransportError as exc:
             if raise_errors or not outbox_ids:
                 raise
@@ -435,7 +443,7 @@ async def _poll(probe: Callable[[], Awaitable[T | None]], timeout: float, descri
     """Call ``probe`` with growing pauses until it returns something; TimeoutError after ``timeout``."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
-    delay = 0.005
+    delay = 0.001
     while True:
         result = await probe()
         if result is not None:

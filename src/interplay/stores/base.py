@@ -42,6 +42,8 @@ from .tx import Tx
 __all__ = ["Store", "Tx"]
 
 T = TypeVar("T")
+PrecommitResult = tuple[Callable[[], None], Callable[[], None]] | None
+"""(after commit, after rollback), both run on the writer thread."""
 log = logging.getLogger("interplay.store")
 
 MAX_BATCH = 1000
@@ -70,6 +72,10 @@ class Store(ABC):
         self._pending: list[tuple[Callable[[Tx], Any], asyncio.Future[Any]]] = []
         self._flush_task: asyncio.Task[None] | None = None
         self._listeners: list[Callable[[set[str]], None]] = []
+        self._precommit: list[Callable[[Tx], PrecommitResult]] = []
+        self.local_routes: set[str] = set()
+        """Routes consumed inside this process: messages to them are handed over in
+        memory after commit instead of being queued (a runtime's reply route)."""
         self._writer: Any = None
         self._reader: Any = None
         self._wexec: ThreadPoolExecutor | None = None
@@ -153,8 +159,18 @@ class Store(ABC):
         await self.close()
 
     def add_commit_listener(self, listener: Callable[[set[str]], None]) -> None:
-        """Call ``listener(routes)`` on the event loop after commits that queued rows."""
+        """Call ``listener(routes)`` on the event loop after each committed batch
+        (``routes``: those that received queue rows in it, possibly none)."""
         self._listeners.append(listener)
+
+    def add_precommit_hook(self, hook: Callable[[Tx], PrecommitResult]) -> None:
+        """Run ``hook(tx)`` on the writer thread at the end of every write transaction.
+
+        It may do more work in the transaction (the store bus claims rows for idle
+        local consumers there, saving them a transaction); it returns what to run
+        after the commit and after a rollback (or None).
+        """
+        self._precommit.append(hook)
 
     # ------------------------------------------------------------------ mechanics
     async def write(self, op: Callable[[Tx], T]) -> T:
@@ -211,21 +227,28 @@ class Store(ABC):
                         fut.set_exception(result.error)
                     else:
                         fut.set_result(result)
-                if routes:
-                    for listener in self._listeners:
-                        listener(routes)
+                for listener in self._listeners:
+                    listener(routes)
         finally:
             self._flush_task = None
 
     def _apply(self, ops: list[Callable[[Tx], Any]]) -> tuple[list[Any], set[str]]:
         cur = self._writer.cursor()
-        tx = Tx(cur, self._convert)
+        tx = Tx(cur, self._convert, self.local_routes)
+        after: list[PrecommitResult] = []
         try:
             self._begin(cur)
             results = [op(tx) for op in ops]
+            after = [hook(tx) for hook in self._precommit]
             cur.execute("COMMIT")
+            for outcome in after:
+                if outcome is not None:
+                    outcome[0]()
             return results, tx.routes
         except Exception as exc:
+            for outcome in after:
+                if outcome is not None:
+                    outcome[1]()
             try:
                 cur.execute("ROLLBACK")
             except Exception:  # the connection may be gone; reconnect below

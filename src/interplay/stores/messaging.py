@@ -61,8 +61,9 @@ def drop_group(tx: Tx, group: str) -> None:
 
 
 Relay = list[tuple[Outgoing, int | None]]
-"""Messages a transaction put in the outbox (with their outbox id) or that the caller
-must hand to a non-durable bus (id None): the caller publishes them after commit."""
+"""What the caller must deliver after commit: messages put in the outbox (with their
+outbox id), for a non-durable bus (id None), or for a route consumed in this process
+(id None; delivered in memory)."""
 
 
 def publish(tx: Tx, items: Sequence[Outgoing], now: float, delivery: Delivery) -> Relay:
@@ -123,8 +124,15 @@ class Emitter:
                 self.wake_waiters(msg.flow_id, msg.type, msg)
 
     def route(self, item: Outgoing) -> None:
-        """Queue a message for its route's groups (store bus) or for the caller to relay."""
+        """Queue a message for its route's groups (store bus) or for the caller to relay.
+
+        A message for a route consumed in this very process is handed to the caller
+        to deliver in memory: nothing to queue, nothing to claim back.
+        """
         msg = item.message
+        if item.route in self.tx.local_routes:
+            self.relay.append((item, None))
+            return
         if self.delivery == "queue":
             visible = self.now if item.visible_at is None else item.visible_at
             routed = self.tx.execute(_FAN_OUT, (msg.id, msg.flow_id, item.body, visible, item.route)).rowcount

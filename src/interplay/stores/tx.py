@@ -11,13 +11,15 @@ __all__ = ["Transaction", "Tx"]
 class Tx:
     """The view of one transaction that an op gets (runs on the store's thread)."""
 
-    __slots__ = ("_convert", "cur", "routes")
+    __slots__ = ("_convert", "cur", "local_routes", "routes")
 
-    def __init__(self, cur: Any, convert: Callable[[str], str]) -> None:
+    def __init__(self, cur: Any, convert: Callable[[str], str], local_routes: set[str] | None = None) -> None:
         self.cur = cur
         self._convert = convert
         self.routes: set[str] = set()
         """Routes that received queue rows in this transaction (to wake consumers)."""
+        self.local_routes: set[str] = local_routes if local_routes is not None else set()
+        """Routes consumed in this process (handed over in memory, not queued)."""
 
     def execute(self, sql: str, params: Sequence[Any] = ()) -> Any:
         """Run one statement; returns the cursor (``rowcount``, ``fetchall``)."""

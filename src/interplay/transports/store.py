@@ -5,20 +5,25 @@ recording its span and queuing what it emitted are one store transaction, so the
 store's durability is the bus's durability (SQLite file: survives a crash of the
 process; PostgreSQL: a real multi-machine bus for teams that run nothing else).
 
-Consumers in this process are woken the moment a commit queues rows for them;
-consumers in other processes notice within ``poll`` seconds (PostgreSQL stores
-push a notification instead).
+Consumers in this process are served by the very transaction that queues rows for
+them: a consumer with nothing to do leaves a claim request, and the writer claims
+its rows at the end of the transaction that inserted them, before the commit, saving
+a transaction per hop. Consumers in other processes notice within ``poll`` seconds
+(PostgreSQL stores push a notification instead).
 """
 
 from __future__ import annotations
 
 import asyncio
+import threading
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from ..clock import Clock, SystemClock
 from ..errors import TransportError
-from ..stores.records import Settlement
+from ..stores import messaging
+from ..stores.records import ClaimedRow, Settlement
+from ..stores.tx import Tx
 from .base import Delivery, Subscription, Transport
 
 if TYPE_CHECKING:
@@ -40,7 +45,11 @@ class StoreBus(Transport):
         self.poll = poll
         self._clock: Clock = SystemClock()
         self._subscriptions: list[_StoreSubscription] = []
+        self._requests: list[_ClaimRequest] = []
+        self._settling: list[_ClaimRequest] = []  # taken, withdrawn, waiting for the outcome
+        self._lock = threading.Lock()  # requests are read on the store's writer thread
         store.add_commit_listener(self._committed)
+        store.add_precommit_hook(self._claim_for_idle)
 
     async def open(self, clock: Clock) -> None:
         """Use ``clock`` for visibility timeouts."""
@@ -55,6 +64,41 @@ class StoreBus(Transport):
         for sub in self._subscriptions:
             if "@" + sub.group in routes or not routes.isdisjoint(sub.routes):
                 sub.wake.set()
+        with self._lock:
+            for req in self._requests:
+                if req.taken is not None:
+                    req.subscription.wake.set()
+            for req in self._settling:
+                req.subscription.wake.set()
+
+    def _claim_for_idle(self, tx: Tx) -> Any:
+        """Writer thread, end of a transaction: claim rows it queued for idle local consumers."""
+        if not tx.routes:
+            return None
+        with self._lock:
+            wanted = [
+                r for r in self._requests
+                if r.taken is None and ("@" + r.subscription.group in tx.routes or not tx.routes.isdisjoint(r.routes))
+            ]
+            for req in wanted:
+                req.taken = PENDING
+        if not wanted:
+            return None
+        claimed = [
+            (req, messaging.claim(tx, self.store.CLAIM_SQL, req.subscription.group, req.limit, self._clock.now(),
+                                  req.subscription.lease))
+            for req in wanted
+        ]
+
+        def committed() -> None:
+            for req, rows in claimed:
+                req.taken = rows
+
+        def rolled_back() -> None:
+            for req in wanted:
+                req.taken = None
+
+        return committed, rolled_back
 
     async def declare(self, group: str, routes: Sequence[str], *, ephemeral: bool = False) -> None:
         """Record that ``group`` receives ``routes`` (durable: rows queue up meanwhile)."""
@@ -95,20 +139,34 @@ class _StoreSubscription(Subscription):
             self.wake.clear()
             rows = await self.bus.store.claim(self.group, max_messages, self.bus._clock.now(), self.lease)
             if rows:
-                return [
-                    Delivery.from_bytes(
-                        r.body, r.deliveries, queue_id=r.queue_id, lease=r.lease,
-                        duplicate=r.duplicate, stored_reply=r.reply,
-                    )
-                    for r in rows
-                ]
+                return _deliveries(rows)
             remaining = give_up - loop.time()
             if remaining <= 0:
                 return []
+            # Idle: ask the writer to claim for us in the next transaction that queues our rows.
+            req = _ClaimRequest(self, max_messages)
+            with self.bus._lock:
+                self.bus._requests.append(req)
             try:
                 await asyncio.wait_for(self.wake.wait(), min(remaining, self.bus.poll))
             except TimeoutError:
                 pass
+            finally:
+                with self.bus._lock:
+                    self.bus._requests.remove(req)
+                    if req.taken is PENDING:
+                        self.bus._settling.append(req)
+            while req.taken is PENDING:  # taken by a transaction still committing: await its outcome
+                self.wake.clear()
+                try:
+                    await asyncio.wait_for(self.wake.wait(), 0.05)
+                except TimeoutError:
+                    pass
+            with self.bus._lock:
+                if req in self.bus._settling:
+                    self.bus._settling.remove(req)
+            if req.taken:
+                return _deliveries(req.taken)
 
     # ack/nack outside the runtime's settle path (used by tools and the conformance suite)
     async def ack(self, deliveries: Sequence[Delivery]) -> None:
@@ -141,3 +199,29 @@ class _StoreSubscription(Subscription):
             queue_id=d.queue_id,
             lease=d.lease,
         )
+
+
+PENDING: list[ClaimedRow] = []  # identity marks "taken, not yet committed"
+
+
+class _ClaimRequest:
+    """An idle consumer's standing request, served inside the next transaction that queues for it."""
+
+    __slots__ = ("limit", "routes", "subscription", "taken")
+
+    def __init__(self, subscription: _StoreSubscription, limit: int) -> None:
+        self.subscription = subscription
+        self.routes = subscription.routes
+        self.limit = limit
+        self.taken: list[ClaimedRow] | None = None
+        """None: open (or the transaction that took it rolled back); PENDING: taken by a
+        transaction not yet committed; a list: what it claimed (maybe nothing)."""
+
+
+def _deliveries(rows: list[ClaimedRow]) -> list[Delivery]:
+    return [
+        Delivery.from_bytes(
+            r.body, r.deliveries, queue_id=r.queue_id, lease=r.lease, duplicate=r.duplicate, stored_reply=r.reply,
+        )
+        for r in rows
+    ]

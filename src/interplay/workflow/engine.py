@@ -19,6 +19,7 @@ import logging
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from ..commands import CANCEL
 from ..errors import ConfigurationError, NonDeterminismError, StoreError, WorkflowCancelled
 from ..message import Message, new_id
 from ..payloads import to_json
@@ -32,13 +33,9 @@ if TYPE_CHECKING:
     from ..app import WorkflowSpec
     from ..runtime import Runtime
 
-__all__ = ["CANCEL", "Engine", "RunState"]
+__all__ = ["Engine", "RunState"]
 
 log = logging.getLogger("interplay.workflow")
-
-CANCEL = "interplay.cancel"
-"""The type of the control message that tells an orchestrator to cancel a run."""
-
 
 @dataclass(eq=False)
 class RunState:

@@ -14,7 +14,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, get_type_hints
 
-from ..dispatch import reply_error, reply_result
+from ..commands import reply_error, reply_result
 from ..errors import StepFailed, StepTimeout, WorkflowCancelled
 from ..message import Message
 from ..payloads import to_json
@@ -151,11 +151,14 @@ class Steps:
             self.replies.pop(msg.id, None)
         return reply_result(target, body)
 
-    async def on_reply(self, msg: Message, recorded: bool) -> None:
+    async def on_reply(self, msg: Message) -> None:
         """A command's reply was committed to the journal; resume the workflow awaiting it."""
         run_id, key = msg.headers.get("x-run"), msg.headers.get("x-key")
+        fut = self.replies.get(msg.causation_id or "")
+        if fut is None or fut.done():
+            return  # nobody waits here any more (timed out, or the run moved on)
         state = self.active_state(run_id)
-        if state is not None and key is not None and recorded:
+        if state is not None and key is not None:
             body = msg.payload if isinstance(msg.payload, dict) else {}
             ok = bool(body.get("ok"))
             error = reply_error(body)
@@ -166,9 +169,7 @@ class Steps:
                 error_type=None if ok else error.get("error_type"), error=None if ok else error.get("error"),
                 started=old.started if old else self._now(), ended=self._now(),
             )
-        fut = self.replies.get(msg.causation_id or "")
-        if fut is not None and not fut.done():
-            fut.set_result(msg.payload)
+        fut.set_result(msg.payload)
 
     def active_state(self, run_id: str | None) -> RunState | None:
         """The state of a run executing here."""
