@@ -9,11 +9,11 @@ from __future__ import annotations
 import inspect
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, TypeVar, get_type_hints
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from .errors import ConfigurationError
 from .message import Message
-from .payloads import PayloadType
+from .payloads import PayloadType, resolve_hints
 from .service import Handler, Service, check_name, inspect_handler
 from .stores.records import FlowStart, Outgoing
 from .transports.base import command_route, event_route, route_of
@@ -140,7 +140,7 @@ class App:
                 raise ConfigurationError(
                     f"workflow {wf_name!r} must take a WorkflowContext (named ctx) as a parameter"
                 )
-            returns = get_type_hints(fn).get("return", inspect.Parameter.empty)
+            returns = resolve_hints(fn).get("return", inspect.Parameter.empty)
             result = PayloadType(inspect.Parameter.empty if returns in (None, type(None)) else returns)
             self.workflows[wf_name] = WorkflowSpec(wf_name, fn, payload, payload_param, ctx_param, result)
             return fn

@@ -8,6 +8,7 @@ raise :class:`~interplay.errors.MessageDecodeError` saying exactly what is wrong
 from __future__ import annotations
 
 import os
+import random
 import threading
 import time
 from dataclasses import dataclass, field
@@ -31,6 +32,11 @@ KINDS: frozenset[str] = frozenset({"event", "command", "reply"})
 _id_lock = threading.Lock()
 _last_ms = 0
 _counter = 0
+# Random bits for ids come from a generator seeded by the OS once (and again after a
+# fork): ids must be unique, not unguessable, and a syscall per id costs too much.
+_rand = random.Random(os.urandom(16))
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=lambda: _rand.seed(os.urandom(16)))
 
 
 def new_id() -> str:
@@ -43,7 +49,7 @@ def new_id() -> str:
         ms = time.time_ns() // 1_000_000
         if ms > _last_ms:
             _last_ms = ms
-            _counter = int.from_bytes(os.urandom(2)) & 0x3FF  # room to count up
+            _counter = _rand.getrandbits(10)  # start low: room to count up within the ms
         else:
             _counter += 1
             if _counter > 0xFFF:  # more than ~3000 ids in a millisecond: borrow the next one
@@ -51,7 +57,7 @@ def new_id() -> str:
                 _counter = 0
             ms = _last_ms
         counter = _counter
-    rand_b = int.from_bytes(os.urandom(8)) & 0x3FFF_FFFF_FFFF_FFFF
+        rand_b = _rand.getrandbits(62)
     value = (ms << 80) | (0x7 << 76) | (counter << 64) | (0b10 << 62) | rand_b
     h = f"{value:032x}"
     return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"

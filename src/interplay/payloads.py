@@ -8,14 +8,14 @@ from __future__ import annotations
 
 import inspect
 from functools import lru_cache
-from typing import Any
+from typing import Any, get_type_hints
 
 import pydantic
 import pydantic_core
 
 from .errors import ValidationFailed
 
-__all__ = ["PayloadType", "describe_validation_error", "to_json"]
+__all__ = ["PayloadType", "describe_validation_error", "resolve_hints", "to_json"]
 
 
 class PayloadType:
@@ -57,6 +57,29 @@ def _adapter(annotation: Any) -> pydantic.TypeAdapter[Any]:
 @lru_cache(maxsize=512)
 def _cached_adapter(annotation: Any) -> pydantic.TypeAdapter[Any]:
     return pydantic.TypeAdapter(annotation)
+
+
+def resolve_hints(fn: Any) -> dict[str, Any]:
+    """A function's annotations, resolved; one that cannot be resolved counts as absent.
+
+    ``typing.get_type_hints`` fails as a whole when one name is unknown, e.g. a type
+    imported inside the function that defines a handler under ``from __future__
+    import annotations``; then each annotation is resolved on its own.
+    """
+    try:
+        return get_type_hints(fn)
+    except Exception:  # resolve what can be resolved, one by one
+        pass
+    hints: dict[str, Any] = {}
+    namespace = dict(getattr(fn, "__globals__", {}))
+    for name, annotation in getattr(fn, "__annotations__", {}).items():
+        if isinstance(annotation, str):
+            try:
+                annotation = eval(annotation, namespace)
+            except Exception:
+                continue
+        hints[name] = annotation
+    return hints
 
 
 def describe_validation_error(exc: pydantic.ValidationError, annotation: Any) -> str:

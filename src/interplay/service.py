@@ -12,12 +12,12 @@ import random
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal, TypeVar, get_type_hints
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 from pydantic import BaseModel
 
 from .errors import ConfigurationError
-from .payloads import PayloadType
+from .payloads import PayloadType, resolve_hints
 
 if TYPE_CHECKING:
     from .app import App
@@ -248,10 +248,7 @@ def inspect_handler(
     if not callable(fn):
         raise ConfigurationError(f"handler {fn!r} is not callable")
     params = list(inspect.signature(fn).parameters.values())
-    try:
-        hints = get_type_hints(fn)
-    except Exception:  # unresolved forward references: fall back to raw annotations
-        hints = {p.name: p.annotation for p in params}
+    hints = resolve_hints(fn)
     payload: PayloadType | None = None
     payload_param: str | None = None
     ctx_param: str | None = None

@@ -110,3 +110,23 @@ def test_flow_declaration() -> None:
         app.flow("order", starts="x")
     with pytest.raises(ConfigurationError):
         app.flow("other", starts="x", within=0)
+
+
+def test_handlers_defined_inside_functions_resolve_what_they_can() -> None:
+    # Under `from __future__ import annotations`, a type imported inside the defining
+    # function is not resolvable later; the handler still registers, and the payload
+    # type that can be resolved is used.
+    def define() -> App:
+        from interplay import WorkflowContext as LocalContext
+
+        app = App("local")
+
+        @app.workflow("wf")
+        async def wf(ctx: LocalContext, n: int) -> int:
+            return n
+
+        return app
+
+    spec = define().workflows["wf"]
+    assert spec.ctx_param == "ctx"
+    assert spec.payload.validate("5") == 5

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 import orjson
 
 from ..errors import ConfigurationError, NonDeterminismError, StepFailed, StepTimeout, WorkflowCancelled
-from ..payloads import PayloadType, to_json
+from ..payloads import PayloadType, resolve_hints, to_json
 from ..service import Retry, check_name
 from ..stores.records import JournalEntry
 
@@ -326,13 +326,7 @@ def _matcher(match: Callable[[Any], bool] | Mapping[str, Any] | None) -> Callabl
 
 
 def _return_type(fn: Callable[..., Any]) -> Any:
-    from typing import get_type_hints
-
-    try:
-        hints = get_type_hints(fn)
-    except Exception:  # unresolvable annotations: return the JSON data as is
-        return None
-    annotation = hints.get("return")
+    annotation = resolve_hints(fn).get("return")
     return None if annotation in (None, type(None), Any) else annotation
 
 

@@ -12,12 +12,12 @@ import asyncio
 import inspect
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, get_type_hints
+from typing import TYPE_CHECKING, Any
 
 from ..commands import reply_error, reply_result
 from ..errors import StepFailed, StepTimeout, WorkflowCancelled
 from ..message import Message
-from ..payloads import to_json
+from ..payloads import resolve_hints, to_json
 from ..stores import workflows as ops
 from ..stores.messaging import Emitter
 from ..stores.records import JournalEntry, Outgoing, RunRow, SpanRecord
@@ -438,7 +438,7 @@ def _with_payload(msg: Message, data: Any) -> Message:
 def _wants_transaction(fn: Callable[..., Any]) -> bool:
     try:
         params = list(inspect.signature(fn).parameters.values())
-        hints = get_type_hints(fn)
-    except (TypeError, ValueError, NameError):
+    except (TypeError, ValueError):
         return False
+    hints = resolve_hints(fn)
     return bool(params) and hints.get(params[0].name) is Transaction
