@@ -146,8 +146,10 @@ class Consumer:
             await self._handle(d)
         except asyncio.CancelledError:
             raise
+        except (TransportError, StoreError) as exc:
+            # The store or the bus is down: the delivery stays unacked and comes back.
+            log.warning("%s: could not settle message (%s); it will be redelivered", self.group, exc)
         except Exception:
-            # Settling failed (store down?): leave the delivery unacked so it comes back.
             log.exception("%s: could not settle message; it will be redelivered", self.group)
         finally:
             if done is not None:

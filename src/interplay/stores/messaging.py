@@ -95,11 +95,11 @@ class Emitter:
         tx = self.tx
         for item in items:
             msg = item.message
-            tx.execute(
+            first = tx.execute(
                 _INSERT_MESSAGE,
                 (msg.id, msg.flow_id, msg.causation_id, msg.kind, msg.type, msg.source, msg.time,
                  orjson.dumps(msg.payload).decode()),
-            )
+            ).rowcount > 0
             start = item.flow_start
             if start is not None:
                 tx.execute(
@@ -110,7 +110,7 @@ class Emitter:
                      msg.type, self.now),
                 )
             if item.route:
-                self.route(item)
+                self.route(item, first=first)
             self.changes.add(msg.flow_id, last_type=msg.type)
             for status, names in (("completed", item.completes), ("failed", item.fails)):
                 if names:
@@ -123,7 +123,7 @@ class Emitter:
             if msg.kind == "event":
                 self.wake_waiters(msg.flow_id, msg.type, msg)
 
-    def route(self, item: Outgoing) -> None:
+    def route(self, item: Outgoing, *, first: bool = True) -> None:
         """Queue a message for its route's groups (store bus) or for the caller to relay.
 
         A message for a route consumed in this very process is handed to the caller
@@ -139,7 +139,9 @@ class Emitter:
             if routed:
                 self.tx.routes.add(item.route)
         else:
-            routed = item.fanout
+            # A broker delivers every publish of an id (a re-sent command, an outbox
+            # retry) but the inbox lets one handling per group through: count the first.
+            routed = item.fanout if first else 0
             outbox_id = None
             if self.delivery == "outbox":
                 row = self.tx.one(
@@ -224,8 +226,6 @@ def settle(tx: Tx, s: Settlement, now: float, delivery: Delivery) -> tuple[Settl
         if cur.rowcount == 0:
             return "stale", []
     changes = FlowChanges()
-    if s.outcome != "retry":
-        changes.add(s.flow_id, pending=-1)
     result: SettleResult = "applied"
     if s.outcome == "duplicate":
         result = "duplicate"
@@ -234,6 +234,10 @@ def settle(tx: Tx, s: Settlement, now: float, delivery: Delivery) -> tuple[Settl
         (s.group, s.msg_id, now, s.reply),
     ).rowcount == 0:
         result = "duplicate"
+    # The store bus counted every queue row it fanned out, duplicates included; on a
+    # broker the deliveries of one id were counted once (see Emitter.route).
+    if s.outcome != "retry" and (delivery == "queue" or result != "duplicate"):
+        changes.add(s.flow_id, pending=-1)
     if result == "duplicate" and s.outcome != "duplicate":
         changes.apply(tx, now)
         return result, []

@@ -1,0 +1,250 @@
+"""amqp:// (RabbitMQ) passes the transport contract, plus what is RabbitMQ-specific.
+
+Every test gets its own exchange, so its queues (named after the exchange) are its
+own; everything the test's transports declared is deleted afterwards.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Iterable
+
+import aio_pika
+import pytest
+
+from interplay.clock import SystemClock
+from interplay.errors import ConfigurationError, TransportError
+from interplay.testing import wait_until
+from interplay.transports import open_transport
+from interplay.transports.amqp import AmqpOptions, AmqpTransport, delay_level, redact
+from interplay.transports.base import Transport
+
+from ..servers import SERVERS, require
+from .transport_contract import LEASE, Connect, TransportContract, drain, numbers, outgoing
+
+HOST, PORT = SERVERS["amqp"]
+BROKER = f"amqp://guest:guest@{HOST}:{PORT}/"
+
+
+def amqp_url(exchange: str, *, port: int = PORT, **options: object) -> str:
+    """A URL to the test broker (or a proxy in front of it) on its own exchange."""
+    query = "&".join(f"{k}={v}" for k, v in {"exchange": exchange, "reconnect_interval": 0.2, **options}.items())
+    return f"amqp://guest:guest@{HOST}:{port}/?{query}"
+
+
+def unique_exchange() -> str:
+    return f"ip-test-{uuid.uuid4().hex[:12]}"
+
+
+async def delete_declared(transports: Iterable[AmqpTransport]) -> None:
+    """Delete every queue and exchange these (closed) transports declared."""
+    queues: set[str] = set()
+    exchanges: set[str] = set()
+    for t in transports:
+        queues |= t.declared_queues
+        exchanges |= t.declared_exchanges
+    if not queues and not exchanges:
+        return
+    connection = await aio_pika.connect(BROKER)
+    try:
+        channel = await connection.channel()
+        for name in sorted(queues):
+            await channel.queue_delete(name)
+        for name in sorted(exchanges):
+            await channel.exchange_delete(name)
+    finally:
+        await connection.close()
+
+
+async def dlq_bodies(t: AmqpTransport) -> list[bytes]:
+    """Take what RabbitMQ dead-lettered into the exchange's ``:dlq`` queue."""
+    connection = await aio_pika.connect(BROKER)
+    try:
+        queue = await (await connection.channel()).get_queue(t.dlq_name, ensure=False)
+        bodies = []
+        while (message := await queue.get(no_ack=True, fail=False)) is not None:
+            bodies.append(message.body)
+        return bodies
+    finally:
+        await connection.close()
+
+
+class TestAmqpTransport(TransportContract):
+    @pytest.fixture(autouse=True)
+    async def _own_exchange(self) -> AsyncIterator[None]:
+        # autouse: set up before connect_bus, so torn down after it closed every transport
+        require("amqp")
+        self.exchange = unique_exchange()
+        self.opened: list[AmqpTransport] = []
+        yield
+        await delete_declared(self.opened)
+
+    async def connect(self) -> Transport:
+        t = AmqpTransport(amqp_url(self.exchange))
+        await t.open(SystemClock())
+        self.opened.append(t)
+        return t
+
+    # ------------------------------------------------------------------ RabbitMQ specifics
+    async def test_open_transport_maps_the_url(self) -> None:
+        t = open_transport(amqp_url(self.exchange), store=None)  # type: ignore[arg-type]
+        assert isinstance(t, AmqpTransport)
+        assert t.options.exchange == self.exchange
+
+    async def test_delivery_count_adds_delays_and_broker_redeliveries(
+        self, connect_bus: Connect, names: dict[str, str]
+    ) -> None:
+        t = await connect_bus()
+        sub = await t.subscribe(names["g1"], [names["route"]], lease=LEASE)
+        await t.publish([outgoing(names["route"], 1)])
+        counts = []
+        for delay in (0.02, 0.0, 0.02):  # delay queue, broker requeue, delay queue again
+            (d,) = await drain(sub, 1, ack=False)
+            counts.append(d.deliveries)
+            assert d.route == names["route"]
+            await sub.nack(d, delay)
+        (first_lease,) = await drain(sub, 1, ack=False)
+        (after_lease,) = await drain(sub, 1, timeout=LEASE * 6)  # the lease expired: the broker's count
+        await sub.ack([after_lease])
+        assert [*counts, first_lease.deliveries, after_lease.deliveries] == [1, 2, 3, 4, 5]
+        assert after_lease.route == names["route"]
+        await sub.close()
+
+    async def test_a_stale_ack_after_the_lease_expired_is_ignored(
+        self, connect_bus: Connect, names: dict[str, str]
+    ) -> None:
+        t = await connect_bus()
+        sub = await t.subscribe(names["g1"], [names["route"]], lease=0.3)
+        await t.publish([outgoing(names["route"], 1)])
+        (stale,) = await drain(sub, 1, ack=False)
+        (fresh,) = await drain(sub, 1, timeout=5)  # redelivered after the lease
+        # Acking the stale delivery must not ack (or break the channel with) anything else.
+        await sub.ack([stale])
+        await sub.extend([stale], 10)
+        await sub.nack(stale, 0)
+        await sub.ack([fresh])
+        await t.publish([outgoing(names["route"], 2)])
+        assert numbers(await drain(sub, 1)) == [2]  # the channel still works
+        assert await sub.receive(1, 0.5) == []  # and nothing came back
+        await sub.close()
+
+    async def test_declaring_again_from_another_connection_is_fine(
+        self, connect_bus: Connect, names: dict[str, str]
+    ) -> None:
+        a, b = await connect_bus(), await connect_bus()
+        await a.declare(names["g1"], [names["route"]])
+        await b.declare(names["g1"], [names["route"]])
+        await a.declare(names["g1"], [names["route"], names["route"] + ".more"])
+        await b.publish([outgoing(names["route"] + ".more", 5)])
+        sub = await b.subscribe(names["g1"], [names["route"]], lease=LEASE)
+        assert numbers(await drain(sub, 1)) == [5]
+        await sub.close()
+
+    async def test_a_message_visible_later_fans_out_when_it_is_due(
+        self, connect_bus: Connect, names: dict[str, str]
+    ) -> None:
+        t = await connect_bus()
+        s1 = await t.subscribe(names["g1"], [names["route"]], lease=LEASE)
+        s2 = await t.subscribe(names["g2"], [names["route"]], lease=LEASE)
+        later = outgoing(names["route"], 2)
+        later.visible_at = time.time() + 0.4
+        await t.publish([later, outgoing(names["route"], 1)])
+        loop = asyncio.get_running_loop()
+        published_at = loop.time()
+        assert numbers(await drain(s1, 1)) == [1]  # the other one is not held up
+        assert numbers(await drain(s2, 1)) == [1]
+        assert await s1.receive(1, 0.1) == []
+        assert numbers(await drain(s1, 1)) == [2]
+        assert numbers(await drain(s2, 1)) == [2]
+        assert loop.time() - published_at >= 0.35
+        await s1.close()
+        await s2.close()
+
+    async def test_publish_to_a_group_without_queue_fails_clearly(self, connect_bus: Connect) -> None:
+        t = await connect_bus()
+        with pytest.raises(TransportError, match="has no queue"):
+            await t.publish_to_group(f"nobody-{uuid.uuid4().hex[:6]}", "event.x", b"{}")
+
+    async def test_poison_message_lands_in_the_broker_dlq_after_the_delivery_limit(
+        self, names: dict[str, str]
+    ) -> None:
+        t = AmqpTransport(amqp_url(self.exchange, delivery_limit=2))
+        await t.open(SystemClock())
+        self.opened.append(t)
+        try:
+            sub = await t.subscribe(names["g1"], [names["route"]], lease=10)
+            poison = outgoing(names["route"], 13)
+            await t.publish([poison])
+            seen = []
+            while batch := await sub.receive(1, 1.0):  # a consumer that keeps dying on it
+                seen.append(batch[0].deliveries)
+                await sub.nack(batch[0], 0)
+            assert seen == [1, 2, 3]  # delivery_limit=2: two redeliveries, then the DLX
+            found: list[bytes] = []
+
+            async def in_dlq() -> bool:
+                found.extend(await dlq_bodies(t))
+                return bool(found)
+
+            await wait_until(in_dlq, timeout=5, message="poison message in the :dlq queue")
+            assert found == [poison.body]
+            await sub.close()
+        finally:
+            await t.close()
+
+    async def test_unreachable_broker_is_a_transport_error(self) -> None:
+        t = AmqpTransport(f"amqp://guest:guest@{HOST}:1/?exchange={self.exchange}&connect_timeout=2")
+        with pytest.raises(TransportError, match="connecting to"):
+            await t.open(SystemClock())
+
+    async def test_guest_credentials_warn_and_passwords_never_reach_logs(
+        self, caplog: pytest.LogCaptureFixture, names: dict[str, str]
+    ) -> None:
+        caplog.set_level(logging.DEBUG)
+        t = AmqpTransport(amqp_url(self.exchange))
+        await t.open(SystemClock())
+        self.opened.append(t)
+        sub = await t.subscribe(names["g1"], [names["route"]], lease=LEASE)
+        await t.publish([outgoing(names["route"], 1)])
+        await drain(sub, 1)
+        await t.close()
+        warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+        assert any("default guest credentials" in w for w in warnings)
+        everything = "\n".join(r.getMessage() for r in caplog.records)
+        assert "guest:guest" not in everything
+        assert "guest:***" in everything  # the warning names the broker, redacted
+        assert "guest:guest" not in repr(t)
+
+
+# ---------------------------------------------------------------------- no broker needed
+@pytest.mark.parametrize(
+    ("seconds", "level_ms"),
+    [(0.0, 10), (0.001, 10), (0.08, 80), (0.081, 100), (0.1, 100), (0.101, 120), (0.5, 500), (0.7, 700), (0.71, 800),
+     (0.19, 200), (1.0, 1000), (30.0, 30000), (31.0, 35000), (41.0, 50000), (1e9, 2**31 - 1)],
+)
+def test_delay_levels_round_up_never_down(seconds: float, level_ms: int) -> None:
+    assert delay_level(seconds) == level_ms
+    if level_ms < 2**31 - 1:
+        assert level_ms >= seconds * 1000
+        assert level_ms <= max(10, seconds * 1000 * 1.25)
+
+
+def test_url_options_are_parsed_and_the_rest_goes_to_the_driver() -> None:
+    options, driver_url = AmqpOptions.from_url(
+        "amqp://u:secret@h:5673/vh?exchange=shop&prefetch=16&delivery_limit=0&heartbeat=30&timeout=2.5"
+    )
+    assert options == AmqpOptions(exchange="shop", prefetch=16, delivery_limit=0, timeout=2.5)
+    assert driver_url == "amqp://u:secret@h:5673/vh?heartbeat=30"
+    assert redact("amqp://u:secret@h:5673/vh?x=1") == "amqp://u:***@h:5673/vh?x=1"
+    assert redact("amqp://h/") == "amqp://h/"
+
+
+@pytest.mark.parametrize(
+    "query", ["prefetch=many", "prefetch=0", "exchange=amq.topic", "exchange=", "timeout=0"]
+)
+def test_bad_url_options_are_configuration_errors(query: str) -> None:
+    with pytest.raises(ConfigurationError):
+        AmqpTransport(f"amqp://h/?{query}")
