@@ -31,7 +31,6 @@ class Context:
         message: the message being handled.
         service: the name of the service handling it.
         attempt: which delivery of the message this is (1 = first).
-        logger: a logger whose records carry ``flow_id`` and ``message_id``.
     """
 
     def __init__(self, message: Message, service: str, attempt: int) -> None:
@@ -39,10 +38,17 @@ class Context:
         self.service = service
         self.attempt = attempt
         self.emitted: list[Message] = []
-        self.logger: logging.LoggerAdapter[logging.Logger] = _FlowLogger(
-            logging.getLogger(f"interplay.service.{service}"),
-            {"flow_id": message.flow_id, "message_id": message.id, "service": service},
-        )
+        self._logger: logging.LoggerAdapter[logging.Logger] | None = None
+
+    @property
+    def logger(self) -> logging.LoggerAdapter[logging.Logger]:
+        """A logger whose records carry ``flow_id``, ``message_id`` and ``service``."""
+        if self._logger is None:  # made on first use: most handlers never log
+            self._logger = _FlowLogger(
+                logging.getLogger(f"interplay.service.{self.service}"),
+                {"flow_id": self.message.flow_id, "message_id": self.message.id, "service": self.service},
+            )
+        return self._logger
 
     @property
     def flow_id(self) -> str:

@@ -154,6 +154,10 @@ class Emitter:
 
     def wake_waiters(self, flow_id: str, wait_type: str, cause: Message | None, payload: Any = None) -> None:
         """Send a wake to the orchestrator of every run waiting for ``wait_type`` in the flow."""
+        if self.tx.waits is None:  # most transactions of a busy system emit many events and no run waits
+            self.tx.waits = self.tx.one("SELECT 1 FROM ip_waits LIMIT 1") is not None
+        if not self.tx.waits:
+            return
         rows = self.tx.all(
             "SELECT w.run_id, w.seq, r.owner FROM ip_waits w JOIN ip_runs r ON r.run_id = w.run_id "
             "WHERE w.flow_id = ? AND w.type = ?",

@@ -11,7 +11,7 @@ __all__ = ["Transaction", "Tx"]
 class Tx:
     """The view of one transaction that an op gets (runs on the store's thread)."""
 
-    __slots__ = ("_convert", "cur", "local_routes", "routes")
+    __slots__ = ("_convert", "cur", "local_routes", "routes", "waits")
 
     def __init__(self, cur: Any, convert: Callable[[str], str], local_routes: set[str] | None = None) -> None:
         self.cur = cur
@@ -20,6 +20,8 @@ class Tx:
         """Routes that received queue rows in this transaction (to wake consumers)."""
         self.local_routes: set[str] = local_routes if local_routes is not None else set()
         """Routes consumed in this process (handed over in memory, not queued)."""
+        self.waits: bool | None = None
+        """Whether any workflow waits at all (asked once per transaction)."""
 
     def execute(self, sql: str, params: Sequence[Any] = ()) -> Any:
         """Run one statement; returns the cursor (``rowcount``, ``fetchall``)."""

@@ -206,6 +206,7 @@ def register_wait(
         "INSERT INTO ip_waits (run_id, seq, flow_id, type) VALUES (?, ?, ?, ?) ON CONFLICT DO NOTHING",
         (entry.run_id, entry.seq, flow_id, wait_type),
     )
+    tx.waits = True
     if wait_type.startswith("@run:"):
         child = get_run(tx, wait_type[5:])
         if child is None or child.status not in TERMINAL:
