@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import MutableMapping
+from collections.abc import Callable, MutableMapping
 from typing import Any
 
 from .message import Message
@@ -38,6 +38,7 @@ class Context:
         self.service = service
         self.attempt = attempt
         self.emitted: list[Message] = []
+        self.transactions: list[tuple[Callable[..., Any], tuple[Any, ...]]] = []
         self._logger: logging.LoggerAdapter[logging.Logger] | None = None
 
     @property
@@ -70,6 +71,18 @@ class Context:
         msg = self.message.caused(event, to_json(payload), source=self.service, headers=headers)
         self.emitted.append(msg)
         return msg.id
+
+    def transaction(self, fn: Callable[..., Any], *args: Any) -> None:
+        """Run ``fn(tx, *args)`` in the store transaction that marks this message handled.
+
+        ``tx`` is a :class:`~interplay.Transaction` on the store's database: rows your
+        service keeps there change exactly once per message, whatever the redeliveries
+        (the DBOS-transaction guarantee, for handlers). ``fn`` runs after the handler
+        returns, when the handling commits; it must be synchronous and only touch the
+        database. If it raises, the handling failed: nothing of it is kept, and the
+        message is retried by the handler's policy.
+        """
+        self.transactions.append((fn, args))
 
     def __repr__(self) -> str:
         return f"Context(service={self.service!r}, message={self.message.type!r}, flow={self.flow_id!r})"

@@ -189,7 +189,7 @@ class Consumer:
             return
         except Exception as exc:
             if d.deliveries < handler.retry.attempts:
-                await self._retry(d, msg, handler, exc, started)
+                await self._retry(d, msg, handler, f"{type(exc).__name__}: {exc}", started)
             else:
                 await self._fail(d, msg, handler, "retries_exhausted", type(exc).__name__, str(exc), started)
             return
@@ -205,9 +205,15 @@ class Consumer:
                 emits.append(reply)
         settlement = Settlement(
             self.group, msg.id, msg.flow_id, "ok", inbox=True, reply=stored_reply,
-            span=self._span(msg, handler, started, "ok", None, d.deliveries),
+            span=self._span(msg, handler, started, "ok", None, d.deliveries), transactions=ctx.transactions,
         )
-        await self._settle(d, settlement, emits)
+        if await self._settle(d, settlement, emits) == "failed":
+            # The handler's own transaction raised: the handling failed after all.
+            error_type, _, error = (settlement.failure or "Error: ").partition(": ")
+            if d.deliveries < handler.retry.attempts:
+                await self._retry(d, msg, handler, settlement.failure or "Error", started)
+            else:
+                await self._fail(d, msg, handler, "retries_exhausted", error_type, error, started)
 
     async def _call(self, handler: Handler, payload: Any, ctx: Context) -> Any:
         kwargs: dict[str, Any] = {}
@@ -237,9 +243,8 @@ class Consumer:
             return self.service.commands.get(cmd) if svc == self.group else None
         return None
 
-    async def _retry(self, d: Delivery, msg: Message, handler: Handler, exc: Exception, started: float) -> None:
+    async def _retry(self, d: Delivery, msg: Message, handler: Handler, error: str, started: float) -> None:
         delay = handler.retry.delay(d.deliveries)
-        error = f"{type(exc).__name__}: {exc}"
         log.info("%s: %s failed (attempt %d), retrying in %.2fs: %s", self.group, msg.type, d.deliveries, delay, error)
         settlement = Settlement(
             self.group, msg.id, msg.flow_id, "retry",
@@ -318,7 +323,7 @@ class Consumer:
 
     async def _settle(
         self, d: Delivery, settlement: Settlement, emits: list[Message], *, retry_delay: float = 0.0
-    ) -> None:
+    ) -> str:
         rt = self.rt
         settlement.queue_id, settlement.lease = d.queue_id, d.lease
         topology = rt.app.topology
@@ -331,13 +336,16 @@ class Consumer:
         result, relay = await rt.store.settle(settlement, rt.clock.now(), rt.delivery_mode)
         if result == "stale":
             log.info("%s: lease on %s lost before commit; another consumer owns it", self.group, settlement.msg_id)
-            return
+            return result
+        if result == "failed":
+            return result
         self.handled += 1
         await rt.relay(relay)  # to the broker, or in memory to this process's reply inbox
         if rt.transport.store_bound:
-            return  # the ack was part of the transaction
+            return result  # the ack was part of the transaction
         assert self.sub is not None
         if settlement.outcome == "retry":
             await self.sub.nack(d, retry_delay)
         else:
             await self.sub.ack([d])
+        return result

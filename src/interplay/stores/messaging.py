@@ -16,7 +16,7 @@ import orjson
 from ..message import Message
 from ..transports.base import reply_route
 from .records import ClaimedRow, DeadLetter, DeadLetterRecord, Outgoing, Settlement
-from .tx import Tx
+from .tx import Transaction, Tx
 
 __all__ = [
     "SettleResult",
@@ -34,7 +34,7 @@ Delivery = Literal["queue", "outbox", "direct"]
 """Where published messages go: the store's queue table (store bus), the outbox
 (a durable broker relays them), or straight to a non-durable bus after commit."""
 
-SettleResult = Literal["applied", "stale", "duplicate"]
+SettleResult = Literal["applied", "stale", "duplicate", "failed"]
 
 _INSERT_MESSAGE = (
     "INSERT INTO ip_messages (id, flow_id, causation_id, kind, type, source, time, payload) "
@@ -212,13 +212,35 @@ class FlowChanges:
             )
 
 
+class _HandlerTransactionFailed(Exception):
+    pass
+
+
 def settle(tx: Tx, s: Settlement, now: float, delivery: Delivery) -> tuple[SettleResult, Relay]:
     """Commit what follows one handling: ack or retry, inbox mark, span, emits, DLQ.
 
     On the store bus the queue row is deleted (or rescheduled) only if this consumer
     still holds its lease; a stale consumer gets ``stale`` and nothing it did is kept.
     A message already in the group's inbox gets ``duplicate``: acked, nothing emitted.
+    The handler's own transaction functions (``ctx.transaction``) run here, after the
+    inbox mark, so their writes happen once per message; if one raises, everything of
+    this settlement is undone and ``failed`` is returned (``s.failure`` says why).
     """
+    if not s.transactions:
+        return _settle(tx, s, now, delivery)
+    tx.execute("SAVEPOINT ip_settle")
+    try:
+        outcome = _settle(tx, s, now, delivery)
+    except _HandlerTransactionFailed as exc:
+        tx.execute("ROLLBACK TO SAVEPOINT ip_settle")
+        tx.execute("RELEASE SAVEPOINT ip_settle")
+        s.failure = str(exc)
+        return "failed", []
+    tx.execute("RELEASE SAVEPOINT ip_settle")
+    return outcome
+
+
+def _settle(tx: Tx, s: Settlement, now: float, delivery: Delivery) -> tuple[SettleResult, Relay]:
     if s.queue_id is not None:
         if s.outcome == "retry":
             cur = tx.execute(
@@ -245,6 +267,11 @@ def settle(tx: Tx, s: Settlement, now: float, delivery: Delivery) -> tuple[Settl
     if result == "duplicate" and s.outcome != "duplicate":
         changes.apply(tx, now)
         return result, []
+    for fn, args in s.transactions:
+        try:
+            fn(Transaction(tx), *args)
+        except Exception as exc:  # the handler's own SQL failed: the handling failed
+            raise _HandlerTransactionFailed(f"{type(exc).__name__}: {exc}") from exc
     if s.span is not None:
         sp = s.span
         tx.execute(

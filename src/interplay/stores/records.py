@@ -120,6 +120,10 @@ class Settlement:
     emits: list[Outgoing] = field(default_factory=list)
     dead: DeadLetter | None = None
     retry_at: float | None = None
+    transactions: list[tuple[Any, tuple[Any, ...]]] = field(default_factory=list)
+    """The handler's ``ctx.transaction`` functions, run after the inbox mark."""
+    failure: str | None = None
+    """Set when one of ``transactions`` raised (the settlement was undone)."""
     extra: Any = None
     """``extra(emitter)`` runs inside the same transaction (e.g. a workflow journal
     write); the :class:`~interplay.stores.messaging.Emitter` gives it ``tx``."""
