@@ -157,6 +157,9 @@ class Transport(ABC):
     async def declare(self, group: str, routes: Sequence[str], *, ephemeral: bool = False) -> None:
         """Make ``group`` receive messages published to ``routes`` from now on.
 
+        Declaring only adds: a route the group declared before keeps queueing for it
+        (its messages are dead-lettered as ``no_handler`` once no handler takes them).
+
         ``ephemeral`` groups (a runtime's reply route) need not outlive the process.
         """
 
