@@ -58,6 +58,8 @@ def load_app(target: str) -> App:
         module = importlib.import_module(module_name)
     except ImportError as exc:
         raise fail(f"cannot import {module_name!r}: {exc}", 2) from None
+    except Exception as exc:  # the module itself is broken (SyntaxError, or it raised): no traceback
+        raise fail(f"cannot import {module_name!r}: {type(exc).__name__}: {exc}", 2) from None
     obj: Any = getattr(module, attr or "app", None)
     if not isinstance(obj, App):
         what = "nothing" if obj is None else type(obj).__name__

@@ -19,11 +19,16 @@ __all__ = ["dlq_app", "register", "tool_runtime"]
 
 dlq_app = typer.Typer(help="Inspect, replay and drop dead letters.", no_args_is_help=True)
 
-FLOW_STATUSES = ("running", "completed", "failed", "stuck", "compensated", "cancelled", "parked", "waiting")
+FLOW_STATUSES = ("running", "completed", "failed", "stuck", "compensated", "cancelled", "parked")
 
 
-def tool_runtime(store: str, bus: str | None = None) -> Runtime:
-    """A runtime that hosts nothing: just the store (and bus) to read and replay."""
+STORE_ONLY = "memory://"
+"""The bus of commands that only read or change the store. Not INTERPLAY_BUS's broker: it
+may be down exactly when one wants to look at flows and dead letters."""
+
+
+def tool_runtime(store: str, bus: str | None = STORE_ONLY) -> Runtime:
+    """A runtime that hosts nothing: just the store (and, for commands that send, the bus)."""
     return App("interplay-cli").run(store=store, bus=bus, services=[], orchestrator=False)
 
 
@@ -46,7 +51,7 @@ def flows(
             rows = await rt.flows(status=status, name=name, limit=limit)
         table = Table(title=f"flows in {rt.store.url}", title_justify="left")
         for col in ("flow id", "name", "kind", "status", "started", "pending", "dead", "last step"):
-            table.add_column(col)
+            table.add_column(col, overflow="fold")  # ids are copied into `trace`: fold them, never cut them short
         for f in rows:
             style = STATUS_STYLE.get(f.status, "white")
             table.add_row(
@@ -105,12 +110,11 @@ def dlq_list(
     run_async(main)
 
 
-def _resolve_ids(rt: Runtime, ids: list[int], everything: bool) -> list[int]:
+def _check_ids(ids: list[int], everything: bool) -> None:
     if ids and everything:
         raise fail("give ids or --all, not both", 2)
     if not ids and not everything:
         raise fail("give the dead letters' ids (see `interplay dlq list`) or --all", 2)
-    return ids
 
 
 @dlq_app.command("replay")
@@ -121,10 +125,11 @@ def dlq_replay(
     bus: BusOption = None,
 ) -> None:
     """Send dead letters back to the service that failed them (same message id)."""
+    _check_ids(ids or [], everything)
 
     async def main() -> None:
         async with tool_runtime(store, bus) as rt:
-            chosen = _resolve_ids(rt, ids or [], everything)
+            chosen = ids or []
             if everything:
                 chosen = [d.id for d in await rt.dlq(1_000_000)]
             taken = await rt.replay(chosen)
@@ -146,10 +151,11 @@ def dlq_drop(
     store: StoreOption = "sqlite:///interplay.db",
 ) -> None:
     """Delete dead letters for good."""
+    _check_ids(ids or [], everything)
 
     async def main() -> None:
         async with tool_runtime(store) as rt:
-            chosen = _resolve_ids(rt, ids or [], everything)
+            chosen = ids or []
             if everything:
                 chosen = [d.id for d in await rt.dlq(1_000_000)]
             dropped = await rt.drop(chosen)

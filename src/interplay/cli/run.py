@@ -11,8 +11,10 @@ import typer
 from rich.live import Live
 from rich.table import Table
 
+from ..errors import ConfigurationError
 from ..runtime import Runtime
-from .common import BusOption, StoreOption, console, load_app, parse_json, run_async
+from ..service import check_name
+from .common import BusOption, StoreOption, console, fail, load_app, parse_json, run_async
 
 __all__ = ["register"]
 
@@ -35,6 +37,8 @@ def run(
     log_level: Annotated[str, typer.Option(help="Logging level.")] = "WARNING",
 ) -> None:
     """Host services (and workflows) until stopped with Ctrl-C or SIGTERM."""
+    if log_level.upper() not in logging.getLevelNamesMapping():
+        raise fail(f"unknown log level {log_level!r}; use one of DEBUG, INFO, WARNING, ERROR, CRITICAL", 2)
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     app = load_app(target)
 
@@ -91,17 +95,27 @@ def publish(
         float | None, typer.Option(help="Wait up to this many seconds for the flow to finish, then show it.")
     ] = None,
 ) -> None:
-    """Publish one event and print its flow id."""
+    """Publish one event and print its flow id (with --wait, its tree; exit 1 unless it completed)."""
     app = load_app(target)
     data = parse_json(payload)
+    try:
+        check_name("event", event)
+    except ConfigurationError as exc:
+        raise fail(str(exc), 2) from None
 
     async def main() -> None:
         async with app.run(store=store, bus=bus, services=[], orchestrator=False) as rt:
             fid = await rt.publish(event, data, flow_id=flow_id)
             console.print(fid, highlight=False)
             if wait is not None:
-                await rt.wait_flow(fid, timeout=wait)
+                try:
+                    summary = await rt.wait_flow(fid, timeout=wait)
+                except TimeoutError as exc:
+                    console.print(await rt.trace(fid))
+                    raise fail(f"timed out: {exc}; are its services running? (interplay run {target})") from None
                 console.print(await rt.trace(fid))
+                if summary.status != "completed":
+                    raise fail(f"flow {fid} {summary.status}")
 
     run_async(main)
 

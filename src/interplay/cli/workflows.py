@@ -49,6 +49,11 @@ def start(
                 except WorkflowFailed as exc:
                     console.print(await rt.trace(handle.flow_id))
                     raise fail(f"run {handle.id} {exc.status}: {exc.error_type}: {exc.error}") from None
+                except TimeoutError as exc:
+                    # Nothing here runs workflows: a run still pending means no orchestrator took it.
+                    pending = await handle.status() == "pending"
+                    hint = f"; is an orchestrator running? (interplay run {target})" if pending else ""
+                    raise fail(f"timed out: {exc}{hint}") from None
                 console.print(await rt.trace(handle.flow_id))
                 typer.echo(orjson.dumps(result).decode())
 

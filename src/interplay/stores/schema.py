@@ -73,9 +73,11 @@ MIGRATIONS: dict[int, list[str]] = {
 
 # A flow's status, computed from its record. Declared flows end by their events or go
 # stuck after `within`; an undeclared flow is done when nothing of it is left pending.
+# A choreographed flow with a message in the DLQ has failed (until the message is
+# replayed); a workflow's flow has its run's status.
 FLOW_STATUS = """CASE
     WHEN status <> 'running' THEN status
-    WHEN declared = 0 AND dead > 0 THEN 'failed'
+    WHEN kind = 'flow' AND dead > 0 THEN 'failed'
     WHEN declared = 0 AND pending <= 0 THEN 'completed'
     WHEN deadline IS NOT NULL AND deadline < ? THEN 'stuck'
     ELSE 'running' END"""

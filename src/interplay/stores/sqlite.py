@@ -11,6 +11,7 @@ a process crash (a power cut may lose the last transactions, never corrupt the f
 from __future__ import annotations
 
 import sqlite3
+import time
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
@@ -83,7 +84,7 @@ class SqliteStore(Store):
         )
         conn.execute(f"PRAGMA busy_timeout = {self.busy_timeout_ms}")
         if self.durable:
-            mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+            mode = self._switch_to_wal(conn)
             if str(mode).lower() != "wal":
                 raise sqlite3.OperationalError(f"could not switch {self.path} to WAL (got {mode})")
         conn.execute(f"PRAGMA synchronous = {self.synchronous}")
@@ -92,6 +93,21 @@ class SqliteStore(Store):
         if role == "reader":
             conn.execute("PRAGMA query_only = 1")
         return conn
+
+    def _switch_to_wal(self, conn: Any) -> str:
+        # Switching a file that another connection is writing to needs its lock, and
+        # SQLite does not call the busy handler for it: retry until busy_timeout, as
+        # every other statement waits (two processes opening a new store at once).
+        deadline = time.monotonic() + self.busy_timeout_ms / 1000
+        delay = 0.001
+        while True:
+            try:
+                return str(conn.execute("PRAGMA journal_mode = WAL").fetchone()[0])
+            except sqlite3.OperationalError as exc:
+                if "locked" not in str(exc) or time.monotonic() >= deadline:
+                    raise
+                time.sleep(delay)
+                delay = min(delay * 2, 0.05)
 
     def _ddl_types(self) -> dict[str, str]:
         return {

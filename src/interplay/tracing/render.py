@@ -20,7 +20,6 @@ STATUS_STYLE = {
     "completed": "green",
     "compensated": "yellow",
     "running": "cyan",
-    "waiting": "cyan",
     "pending": "cyan",
     "failed": "red",
     "stuck": "magenta",
