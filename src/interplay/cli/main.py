@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from . import demo, inspect, run, workflows
+from . import db, demo, inspect, run, workflows
 
 __all__ = ["cli", "main"]
 
@@ -19,6 +19,7 @@ demo.register(cli)
 run.register(cli)
 inspect.register(cli)
 workflows.register(cli)
+db.register(cli)
 
 
 def main() -> None:

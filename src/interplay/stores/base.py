@@ -105,6 +105,15 @@ class Store(ABC):
     def _paramstyle(self, sql: str) -> str:
         return sql
 
+    def _flow_lock(self) -> Callable[[Tx, str, bool], None] | None:
+        """How a transaction locks a flow (see :meth:`Tx.lock_flow`); None where write
+        transactions never overlap (SQLite: one writer at a time)."""
+        return None
+
+    def _transient(self, exc: Exception) -> bool:
+        """Whether a transaction that failed with ``exc`` may just run again (a deadlock victim)."""
+        return False
+
     def _share_reader(self) -> bool:
         """True when reads must use the writer's connection (an in-memory database)."""
         return False
@@ -125,9 +134,11 @@ class Store(ABC):
                 self._rexec = ThreadPoolExecutor(1, thread_name_prefix=f"interplay-{self.dialect}-reader")
                 self._reader = await loop.run_in_executor(self._rexec, self._connect, "reader")
         except self._error_types as exc:
+            self._close_connections()
             self._shutdown_threads()
             raise StoreError(f"cannot open store {self.url}: {exc}") from exc
         except BaseException:
+            self._close_connections()
             self._shutdown_threads()
             raise
         self._opened = True
@@ -145,6 +156,13 @@ class Store(ABC):
         if self._writer is not None:
             await loop.run_in_executor(self._wexec, _close_quietly, self._writer)
         self._shutdown_threads()
+
+    def _close_connections(self) -> None:
+        # After a failed open (a newer schema, say): a driver may warn about, or keep
+        # server resources for, a connection left to the garbage collector.
+        for conn in {id(c): c for c in (self._reader, self._writer) if c is not None}.values():
+            _close_quietly(conn)
+        self._reader = self._writer = None
 
     def _shutdown_threads(self) -> None:
         for ex in {self._rexec, self._wexec} - {None}:
@@ -232,9 +250,9 @@ class Store(ABC):
         finally:
             self._flush_task = None
 
-    def _apply(self, ops: list[Callable[[Tx], Any]]) -> tuple[list[Any], set[str]]:
+    def _apply(self, ops: list[Callable[[Tx], Any]], attempt: int = 0) -> tuple[list[Any], set[str]]:
         cur = self._writer.cursor()
-        tx = Tx(cur, self._convert, self.local_routes)
+        tx = Tx(cur, self._convert, self.local_routes, self._flow_lock())
         after: list[PrecommitResult] = []
         try:
             self._begin(cur)
@@ -254,6 +272,8 @@ class Store(ABC):
             except Exception:  # the connection may be gone; reconnect below
                 self._reconnect_writer()
             if len(ops) == 1:
+                if attempt < 2 and self._transient(exc):  # ops are safe to run twice
+                    return self._apply(ops, attempt + 1)
                 return [_Failed(self._translate(exc))], set()
             # One op failed: apply each alone, so only the culprit fails.
             results, routes = [], set()

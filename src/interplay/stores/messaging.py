@@ -154,6 +154,8 @@ class Emitter:
 
     def wake_waiters(self, flow_id: str, wait_type: str, cause: Message | None, payload: Any = None) -> None:
         """Send a wake to the orchestrator of every run waiting for ``wait_type`` in the flow."""
+        if self.tx.lock_flow(flow_id, exclusive=False) and not self.tx.waits:
+            self.tx.waits = None  # concurrent writers: a "no run waits" seen before the lock may be stale
         if self.tx.waits is None:  # most transactions of a busy system emit many events and no run waits
             self.tx.waits = self.tx.one("SELECT 1 FROM ip_waits LIMIT 1") is not None
         if not self.tx.waits:

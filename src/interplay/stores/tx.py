@@ -11,17 +11,35 @@ __all__ = ["Transaction", "Tx"]
 class Tx:
     """The view of one transaction that an op gets (runs on the store's thread)."""
 
-    __slots__ = ("_convert", "cur", "local_routes", "routes", "waits")
+    __slots__ = ("_convert", "_lock_flow", "cur", "local_routes", "routes", "waits")
 
-    def __init__(self, cur: Any, convert: Callable[[str], str], local_routes: set[str] | None = None) -> None:
+    def __init__(
+        self,
+        cur: Any,
+        convert: Callable[[str], str],
+        local_routes: set[str] | None = None,
+        lock_flow: Callable[[Tx, str, bool], None] | None = None,
+    ) -> None:
         self.cur = cur
         self._convert = convert
+        self._lock_flow = lock_flow
         self.routes: set[str] = set()
         """Routes that received queue rows in this transaction (to wake consumers)."""
         self.local_routes: set[str] = local_routes if local_routes is not None else set()
         """Routes consumed in this process (handed over in memory, not queued)."""
         self.waits: bool | None = None
         """Whether any workflow waits at all (asked once per transaction)."""
+
+    def lock_flow(self, flow_id: str, *, exclusive: bool) -> bool:
+        """Order, per flow, registering a wait (exclusive) against emitting events (shared).
+
+        Held until the transaction ends. Returns False where it is not needed (a store
+        whose write transactions never overlap, like SQLite's).
+        """
+        if self._lock_flow is None:
+            return False
+        self._lock_flow(self, flow_id, exclusive)
+        return True
 
     def execute(self, sql: str, params: Sequence[Any] = ()) -> Any:
         """Run one statement; returns the cursor (``rowcount``, ``fetchall``)."""

@@ -199,6 +199,7 @@ def register_wait(
     Registering and scanning in one transaction leaves no gap for an event to slip by.
     """
     tx = em.tx
+    tx.lock_flow(flow_id, exclusive=True)  # an event emitted concurrently waits, then sees the wait
     if not _fence(tx, entry.run_id, owner, em.now):
         return None
     _upsert(tx, entry)

@@ -33,6 +33,10 @@ if TYPE_CHECKING:
 __all__ = ["StoreBus"]
 
 
+PUSHED_POLL = 0.5
+"""Seconds between polls of a store bus whose store pushes wake-ups (PostgreSQL)."""
+
+
 class StoreBus(Transport):
     """A bus on the store's queue table."""
 
@@ -59,6 +63,9 @@ class StoreBus(Transport):
         wakeups = getattr(self.store, "listen_for_queued", None)
         if wakeups is not None:  # PostgreSQL: LISTEN/NOTIFY from other processes
             await wakeups(self._committed)
+            # Commits anywhere wake us now; polling is left to find rows that become
+            # visible by themselves (a nack's delay, an expired lease).
+            self.poll = max(self.poll, PUSHED_POLL)
 
     def _committed(self, routes: set[str]) -> None:
         for sub in self._subscriptions:

@@ -1,0 +1,42 @@
+"""The SQLite store passes the store contract (a fresh file per test); ``interplay db`` on SQLite."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import typer
+from typer.testing import CliRunner
+
+from interplay.cli import db
+from interplay.stores.base import Store
+from interplay.stores.schema import SCHEMA_VERSION
+from interplay.stores.sqlite import SqliteStore
+
+from .store_contract import StoreContract
+
+
+class TestSqliteStore(StoreContract):
+    @pytest.fixture(autouse=True)
+    def _path(self, tmp_path: Path) -> None:
+        self.path = tmp_path / "store.db"
+
+    def make_store(self) -> Store:
+        return SqliteStore(f"sqlite:///{self.path}")
+
+
+def test_db_upgrade_and_version(tmp_path: Path) -> None:
+    app = typer.Typer()
+    db.register(app)
+    runner = CliRunner()
+    url = f"sqlite:///{tmp_path / 'cli.db'}"
+    before = runner.invoke(app, ["db", "version", "--store", url])
+    assert before.exit_code == 0, before.output
+    assert "database schema version: 0" in before.output
+    assert not (tmp_path / "cli.db").exists()  # looking creates nothing
+    upgraded = runner.invoke(app, ["db", "upgrade", "--store", url])
+    assert upgraded.exit_code == 0, upgraded.output
+    assert f"schema version {SCHEMA_VERSION}" in upgraded.output
+    after = runner.invoke(app, ["db", "version", "--store", url])
+    assert f"database schema version: {SCHEMA_VERSION}" in after.output
+    assert f"interplay schema version: {SCHEMA_VERSION}" in after.output

@@ -1,0 +1,47 @@
+"""Workflows on PostgreSQL: orchestration and the mix, across runtimes that share a database.
+
+Two runtimes (as two processes would) on the shared server of tests/servers.py: one
+hosts the services and an orchestrator, the other only an orchestrator. Runs started
+on either are claimed with SKIP LOCKED leases, and a workflow waiting for an event
+emitted by a service in the other runtime must be woken by it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+
+import pytest
+
+from interplay.examples.orders import Order, app
+
+from .. import pg
+from ..servers import require
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture
+def pg_url() -> Iterator[str]:
+    require("postgres")
+    with pg.database("interplay_workflows") as url:
+        yield url
+
+
+async def test_orchestration_across_two_runtimes(pg_url: str) -> None:
+    async with app.run(store=pg_url) as services, app.run(store=pg_url, services=[]) as orchestrator:
+        handles = [await rt.start("process_order", Order(id=i, amount=5))
+                   for i in range(10) for rt in (services, orchestrator)]
+        results = await asyncio.gather(*(h.result(timeout=30) for h in handles))
+        assert sorted(results) == sorted(f"order {i} shipped" for i in range(10) for _ in range(2))
+        again = await orchestrator.start("process_order", Order(id=0), id=handles[0].id)
+        assert (again.id, await again.result(timeout=5)) == (handles[0].id, "order 0 shipped")
+
+
+async def test_a_workflow_waiting_for_another_runtimes_event_is_always_woken(pg_url: str) -> None:
+    async with app.run(store=pg_url) as services, app.run(store=pg_url, services=[]) as orchestrator:
+        del services  # it hosts the delivery service, whose event the workflows wait for
+        handles = [await orchestrator.start("deliver_order", Order(id=i, amount=5)) for i in range(30)]
+        results = await asyncio.gather(*(h.result(timeout=15) for h in handles), return_exceptions=True)
+        stuck = [h.id for h, r in zip(handles, results, strict=True) if isinstance(r, BaseException)]
+        assert stuck == [], f"{len(stuck)} of 30 runs never saw delivery.confirmed"
