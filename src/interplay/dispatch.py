@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import orjson
@@ -23,6 +23,7 @@ from .errors import Reject, StoreError, TransportError, ValidationFailed
 from .message import Message, new_id
 from .payloads import to_json
 from .service import Failure, Handler, Service
+from .stores.messaging import Emitter
 from .stores.records import DeadLetter, Settlement, SpanRecord
 from .transports.base import Delivery, Subscription
 
@@ -163,6 +164,7 @@ class Consumer:
             await self._dead_invalid(d, started)
             return
         if d.duplicate:
+            log.debug("%s: %s %s already handled; answering from the inbox", self.group, msg.kind, msg.id)
             emits = []
             if msg.kind == "command" and d.stored_reply is not None:
                 reply = self._reply(msg, orjson.loads(d.stored_reply))
@@ -303,6 +305,21 @@ class Consumer:
         )
         await self._settle(d, settlement, [])
 
+    def _answer_duplicate(self, command: Message) -> Callable[[bytes, Emitter], None]:
+        """Answer a command that a competing consumer handled first, with its stored reply."""
+        rt = self.rt
+
+        def answer(stored: bytes, em: Emitter) -> None:
+            reply = self._reply(command, orjson.loads(stored))
+            if reply is None:
+                return
+            out = rt.app.topology.outgoing(reply)
+            if out.route in rt.store.local_routes and is_workflow_reply(reply):
+                recorder(reply, rt.clock.now())(em)
+            em.emit([out])
+
+        return answer
+
     def _reply(self, command: Message, body: Any) -> Message | None:
         reply_to = command.headers.get("reply_to")
         if not reply_to:
@@ -333,6 +350,9 @@ class Consumer:
                 # The calling workflow runs in this process: journal its step's result in
                 # this very transaction, and hand the reply over in memory after commit.
                 settlement.extra = recorder(out.message, rt.clock.now())
+        command = d.message
+        if command is not None and command.kind == "command" and command.headers.get("reply_to"):
+            settlement.on_duplicate = self._answer_duplicate(command)
         result, relay = await rt.store.settle(settlement, rt.clock.now(), rt.delivery_mode)
         if result == "stale":
             log.info("%s: lease on %s lost before commit; another consumer owns it", self.group, settlement.msg_id)

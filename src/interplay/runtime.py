@@ -258,7 +258,7 @@ class Runtime:
             log.warning("publish failed (%s); %d message(s) stay in the outbox for retry", exc, len(outbox_ids))
             return
         if outbox_ids:
-            await self.store.outbox_done(outbox_ids)
+            self.store.outbox_done(outbox_ids)
 
     async def _relay_loop(self) -> None:
         from .message import Message as _M
@@ -274,7 +274,7 @@ class Runtime:
                     msg = _M.decode(body)
                     batch.append(Outgoing(message=msg, route=route, body=body))
                 await self.transport.publish(batch)
-                await self.store.outbox_done([row[0] for row in rows])
+                self.store.outbox_done([row[0] for row in rows])
                 log.info("relayed %d message(s) left in the outbox", len(rows))
             except (TransportError, StoreError) as exc:
                 log.warning("outbox relay failed: %s", exc)

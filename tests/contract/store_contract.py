@@ -220,6 +220,29 @@ class StoreContract:
         (late,) = await one.claim(g, 10, T0 + 2, 30)
         assert late.duplicate
 
+    async def test_a_command_lost_in_a_race_is_answered_with_the_winners_reply(self, connect_store: Connect) -> None:
+        # Two consumers handled one command at once (each from its own delivery, each
+        # caller waiting on its own reply route). The loser's settlement is a duplicate,
+        # but its caller must still be answered - with the reply the winner stored.
+        store = await connect_store()
+        g = "g-" + tag()
+        cmd = Message(type="payments.charge", payload={}, kind="command", source="contract", time=T0)
+        answered: list[bytes] = []
+
+        def answer(stored: bytes, em: messaging.Emitter) -> None:
+            answered.append(stored)
+            reply = cmd.caused("payments.charge", {"stored": stored.decode()}, kind="reply",
+                               headers={"reply_to": reply_route("loser")})
+            em.emit([out(reply, route=reply_route("loser"), fanout=1)])
+
+        win = settled(g, cmd, None, reply=b'{"ok":true,"result":1}')
+        lose = settled(g, cmd, None, reply=b'{"ok":true,"result":2}', on_duplicate=answer)
+        assert (await store.settle(win, T0, "outbox"))[0] == "applied"
+        result, relay = await store.settle(lose, T0, "outbox")
+        assert result == "duplicate"
+        assert answered == [b'{"ok":true,"result":1}']
+        assert [o.route for o, _ in relay] == [reply_route("loser")]
+
     async def test_competing_claims_never_share_a_row(self, connect_store: Connect) -> None:
         stores = [await connect_store(), await connect_store()]
         g = "g-" + tag()
@@ -334,7 +357,8 @@ class StoreContract:
         pending = await store.outbox_pending(T0 + 1)
         assert [(r[1], r[2]) for r in pending] == [("event.order.created", m.encode()) for m in msgs]
         assert await store.outbox_pending(T0 - 1) == []  # too young: their writer relays them
-        await store.outbox_done([ids[0], ids[1]])
+        store.outbox_done([ids[0], ids[1]])  # in the next transaction, not awaited
+        await store.write(lambda tx: None)  # writes commit in order: this one is after it
         assert [r[0] for r in await store.outbox_pending(T0 + 1)] == [ids[2]]
 
     async def test_purge_applies_retention(self, store: Store) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import sys
 from typing import Annotated
 
 import typer
@@ -47,6 +48,7 @@ def run(
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(signal.SIGUSR1, _dump_tasks)  # `kill -USR1 PID`: where is everything waiting?
         async with app.run(
             store=store, bus=bus, services=service, orchestrator=orchestrator, lease=lease, prefetch=prefetch,
             run_lease=run_lease,
@@ -72,6 +74,16 @@ def run(
         console.print("stopped")
 
     run_async(main)
+
+
+def _dump_tasks() -> None:
+    """Print every asyncio task's stack to stderr (a live process's answer to "what is it waiting for?")."""
+    tasks = asyncio.all_tasks()
+    print(f"--- {len(tasks)} tasks ---", file=sys.stderr)
+    for task in tasks:
+        print(f"{task.get_name()}:", file=sys.stderr)
+        task.print_stack(limit=12, file=sys.stderr)
+    sys.stderr.flush()
 
 
 def _status(rt: Runtime) -> Table:

@@ -21,6 +21,7 @@ import re
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from queue import Empty, SimpleQueue
 from typing import Any, ClassVar, TypeVar
 
 from ..errors import SchemaVersionError, StoreError
@@ -69,8 +70,8 @@ class Store(ABC):
 
     def __init__(self, url: str) -> None:
         self.url = _redact(url)
-        self._pending: list[tuple[Callable[[Tx], Any], asyncio.Future[Any]]] = []
-        self._flush_task: asyncio.Task[None] | None = None
+        self._queue: SimpleQueue[Any] = SimpleQueue()
+        self._writer_done: asyncio.Future[None] | None = None
         self._listeners: list[Callable[[set[str]], None]] = []
         self._precommit: list[Callable[[Tx], PrecommitResult]] = []
         self.local_routes: set[str] = set()
@@ -129,7 +130,7 @@ class Store(ABC):
             self._writer = await loop.run_in_executor(self._wexec, self._connect, "writer")
             await loop.run_in_executor(self._wexec, self._migrate)
             if self._share_reader():
-                self._rexec, self._reader = self._wexec, self._writer
+                self._reader = self._writer  # reads then go through the writer's queue
             else:
                 self._rexec = ThreadPoolExecutor(1, thread_name_prefix=f"interplay-{self.dialect}-reader")
                 self._reader = await loop.run_in_executor(self._rexec, self._connect, "reader")
@@ -141,15 +142,17 @@ class Store(ABC):
             self._close_connections()
             self._shutdown_threads()
             raise
+        self._writer_done = loop.run_in_executor(self._wexec, self._writer_loop, loop)
         self._opened = True
 
     async def close(self) -> None:
         """Finish pending writes and disconnect."""
         if self._closed or not self._opened:
             return
-        if self._flush_task is not None:
-            await asyncio.shield(self._flush_task)
         self._closed = True
+        self._queue.put(_STOP)
+        if self._writer_done is not None:
+            await asyncio.shield(self._writer_done)
         loop = asyncio.get_running_loop()
         if self._reader is not None and self._reader is not self._writer:
             await loop.run_in_executor(self._rexec, _close_quietly, self._reader)
@@ -195,18 +198,24 @@ class Store(ABC):
         """Run ``op`` in a write transaction, group-committed with concurrent ops."""
         if not self._opened or self._closed:
             raise StoreError(f"store {self.url} is not open")
-        loop = asyncio.get_running_loop()
-        fut: asyncio.Future[T] = loop.create_future()
-        self._pending.append((op, fut))
-        if self._flush_task is None:
-            self._flush_task = loop.create_task(self._flush())
+        fut: asyncio.Future[T] = asyncio.get_running_loop().create_future()
+        self._queue.put((op, fut, True))
         return await fut
+
+    def write_soon(self, op: Callable[[Tx], Any]) -> None:
+        """Queue ``op`` for the next transaction without waiting for it (nor for its errors)."""
+        if self._opened and not self._closed:
+            self._queue.put((op, None, True))
 
     async def read(self, fn: Callable[[Tx], T]) -> T:
         """Run ``fn`` on the reader connection, in one consistent snapshot."""
         if not self._opened or self._closed:
             raise StoreError(f"store {self.url} is not open")
         loop = asyncio.get_running_loop()
+        if self._rexec is None:  # one connection for both (an in-memory database)
+            fut: asyncio.Future[T] = loop.create_future()
+            self._queue.put((fn, fut, False))
+            return await fut
         return await loop.run_in_executor(self._rexec, self._run_read, fn)
 
     def _run_read(self, fn: Callable[[Tx], T]) -> T:
@@ -223,32 +232,67 @@ class Store(ABC):
         finally:
             cur.close()
 
-    async def _flush(self) -> None:
-        loop = asyncio.get_running_loop()
-        try:
-            while self._pending:
-                batch, self._pending = self._pending[:MAX_BATCH], self._pending[MAX_BATCH:]
+    def _writer_loop(self, loop: asyncio.AbstractEventLoop) -> None:
+        """The writer thread: take every op waiting, commit them as one transaction, repeat.
+
+        The next transaction starts the moment the previous one committed, while the
+        event loop is still handing out the results: the writer never waits for it.
+        """
+        queue = self._queue
+        stopping = False
+        while not stopping:
+            item = queue.get()
+            if item is _STOP:
+                break
+            batch = [item]
+            while len(batch) < MAX_BATCH:
                 try:
-                    results, routes = await loop.run_in_executor(
-                        self._wexec, self._apply, [op for op, _ in batch]
-                    )
-                except BaseException as exc:  # the thread itself failed (shut down, ...)
+                    item = queue.get_nowait()
+                except Empty:
+                    break
+                if item is _STOP:
+                    stopping = True
+                    break
+                batch.append(item)
+            writes = [(op, fut) for op, fut, is_write in batch if is_write]
+            reads = [(fn, fut) for fn, fut, is_write in batch if not is_write]
+            if writes:
+                try:
+                    results, routes = self._apply([op for op, _ in writes])
+                except BaseException as exc:  # a bug or a dead connection: fail the batch, keep going
                     err = exc if isinstance(exc, Exception) else StoreError("store writer stopped")
-                    for _, fut in batch:
-                        if not fut.done():
-                            fut.set_exception(err)
-                    raise
-                for (_, fut), result in zip(batch, results, strict=True):
-                    if fut.done():
-                        continue
-                    if isinstance(result, _Failed):
-                        fut.set_exception(result.error)
-                    else:
-                        fut.set_result(result)
-                for listener in self._listeners:
-                    listener(routes)
-        finally:
-            self._flush_task = None
+                    results, routes = [_Failed(err)] * len(writes), set()
+                self._post(loop, self._hand_results, writes, results, routes)
+            for fn, fut in reads:
+                try:
+                    outcome: Any = self._run_read(fn)
+                except Exception as exc:
+                    outcome = _Failed(exc)
+                self._post(loop, self._hand_results, [(fn, fut)], [outcome], None)
+
+    @staticmethod
+    def _post(loop: asyncio.AbstractEventLoop, fn: Callable[..., None], *args: Any) -> None:
+        try:
+            loop.call_soon_threadsafe(fn, *args)
+        except RuntimeError:  # the loop is closed: nobody waits for these results any more
+            pass
+
+    def _hand_results(self, batch: list[tuple[Any, asyncio.Future[Any] | None]], results: list[Any],
+                 routes: set[str] | None) -> None:
+        for (_, fut), result in zip(batch, results, strict=True):
+            if fut is None:
+                if isinstance(result, _Failed):
+                    log.warning("store %s: a background write failed: %s", self.url, result.error)
+                continue
+            if fut.done():
+                continue
+            if isinstance(result, _Failed):
+                fut.set_exception(result.error)
+            else:
+                fut.set_result(result)
+        if routes is not None:
+            for listener in self._listeners:
+                listener(routes)
 
     def _apply(self, ops: list[Callable[[Tx], Any]], attempt: int = 0) -> tuple[list[Any], set[str]]:
         cur = self._writer.cursor()
@@ -375,9 +419,10 @@ class Store(ABC):
         """Outbox rows older than ``older_than`` (their writer may have died)."""
         return await self.read(lambda tx: messaging.outbox_pending(tx, older_than, limit))
 
-    async def outbox_done(self, ids: Sequence[int]) -> None:
-        """Delete relayed outbox rows."""
-        await self.write(lambda tx: messaging.outbox_done(tx, ids))
+    def outbox_done(self, ids: Sequence[int]) -> None:
+        """Delete relayed outbox rows, in the next transaction (nobody waits for it: a row
+        left by a crash is relayed again and de-duplicated by the inbox)."""
+        self.write_soon(lambda tx: messaging.outbox_done(tx, ids))
 
     async def dlq_list(
         self, limit: int = 50, *, group: str | None = None, flow_id: str | None = None
@@ -470,6 +515,9 @@ class Store(ABC):
         """The schema version recorded in the database."""
         row = await self.read(lambda tx: tx.one("SELECT value FROM ip_meta WHERE key = ?", ("schema_version",)))
         return int(row[0]) if row else 0
+
+
+_STOP = object()
 
 
 class _Failed:

@@ -267,8 +267,15 @@ def _settle(tx: Tx, s: Settlement, now: float, delivery: Delivery) -> tuple[Sett
     if s.outcome != "retry" and (delivery == "queue" or result != "duplicate"):
         changes.add(s.flow_id, pending=-1)
     if result == "duplicate" and s.outcome != "duplicate":
+        # Another consumer handled this very message first (a race): keep nothing of
+        # ours, but a command's caller must still get an answer - the stored one.
+        emitter = Emitter(tx, now, delivery, changes)
+        if s.on_duplicate is not None:
+            row = tx.one("SELECT reply FROM ip_inbox WHERE grp = ? AND msg_id = ?", (s.group, s.msg_id))
+            if row is not None and row[0] is not None:
+                s.on_duplicate(bytes(row[0]), emitter)
         changes.apply(tx, now)
-        return result, []
+        return result, emitter.relay
     for fn, args in s.transactions:
         try:
             fn(Transaction(tx), *args)

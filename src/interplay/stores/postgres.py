@@ -315,20 +315,6 @@ class PostgresStore(Store):
             except Exception:  # one broken callback must not stop the wake-ups of the others
                 log.exception("store %s: queued-rows callback failed", self.url)
 
-    async def open(self) -> None:
-        """Connect and create or upgrade the schema."""
-        try:
-            await super().open()
-        except BaseException:
-            # The base keeps a connection it made before failing (a newer schema, say):
-            # close it now rather than leave it to the garbage collector.
-            for conn in (self._reader, self._writer):
-                if isinstance(conn, _Connection):
-                    with contextlib.suppress(Exception):
-                        conn.close()
-            self._writer = self._reader = None
-            raise
-
     async def close(self) -> None:
         """Stop listening, finish pending writes and disconnect."""
         task, self._listener = self._listener, None

@@ -124,6 +124,9 @@ class Settlement:
     """The handler's ``ctx.transaction`` functions, run after the inbox mark."""
     failure: str | None = None
     """Set when one of ``transactions`` raised (the settlement was undone)."""
+    on_duplicate: Any = None
+    """``on_duplicate(stored_reply, emitter)``: when the inbox shows another consumer won a
+    race for this message, answer its caller with the reply stored by the winner."""
     extra: Any = None
     """``extra(emitter)`` runs inside the same transaction (e.g. a workflow journal
     write); the :class:`~interplay.stores.messaging.Emitter` gives it ``tx``."""

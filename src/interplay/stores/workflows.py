@@ -112,6 +112,14 @@ def heartbeat(tx: Tx, owner: str, now: float, lease: float) -> set[str]:
     return {r[0] for r in tx.all("SELECT run_id FROM ip_runs WHERE owner = ? AND status = 'running'", (owner,))}
 
 
+def holds(tx: Tx, run_id: str, owner: str, now: float) -> bool:
+    """Whether ``owner`` still holds the run (and locks it for this transaction).
+
+    Check it before doing anything in the run's name: every write of a step is fenced.
+    """
+    return _fence(tx, run_id, owner, now)
+
+
 def _fence(tx: Tx, run_id: str, owner: str, now: float) -> bool:
     return bool(
         tx.execute(

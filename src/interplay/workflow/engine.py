@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from dataclasses import dataclass, field
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 from ..commands import CANCEL
@@ -25,6 +26,7 @@ from ..message import Message, new_id
 from ..payloads import to_json
 from ..stores import workflows as ops
 from ..stores.records import FlowStart, JournalEntry, Outgoing, RunRow, SpanRecord
+from ..stores.tx import Tx
 from ..transports.base import reply_route
 from .context import WorkflowContext
 from .steps import LeaseLost, Steps
@@ -36,6 +38,9 @@ if TYPE_CHECKING:
 __all__ = ["Engine", "RunState"]
 
 log = logging.getLogger("interplay.workflow")
+
+CLAIM_BITE = 200
+"""Runs claimed per round by an orchestrator."""
 
 @dataclass(eq=False)
 class RunState:
@@ -66,6 +71,10 @@ class RunState:
         return f"workflow:{self.run.workflow}"
 
 
+def _all(sql: str, params: list[str], tx: Tx) -> list[Any]:
+    return tx.all(sql, params)
+
+
 def root_message_id(run_id: str) -> str:
     """The trace record of a run's start."""
     return f"run:{run_id}"
@@ -85,6 +94,9 @@ class Engine(Steps):
         self._wake = asyncio.Event()
         self._loops: list[asyncio.Task[None]] = []
         self._finished: dict[str, asyncio.Event] = {}
+        self._claiming: set[str] = set()
+        self._watched: dict[str, asyncio.Event] = {}
+        self._watcher: asyncio.Task[None] | None = None
 
     # ------------------------------------------------------------------ lifecycle
     async def start(self) -> None:
@@ -165,11 +177,23 @@ class Engine(Steps):
         spec = self.rt.app.workflows.get(run.workflow)
         if spec is None:  # a run of a workflow this process does not know: leave it
             raise ConfigurationError(f"unknown workflow {run.workflow!r}")
+        log.debug("run %s: executing here (%d journaled steps)", run.run_id, len(journal))
         state = RunState(self, run, spec, journal, cancelled=run.cancel_requested)
         state.finished = self.finished_event(run.run_id)
         self.active[run.run_id] = state
         state.task = asyncio.get_running_loop().create_task(self._execute(state), name=f"interplay-run-{run.run_id}")
+        # Forget the run when its task ends - also when it was cancelled before it ever
+        # started, in which case no code of _execute (not even a finally) runs.
+        state.task.add_done_callback(lambda _: self._forget(state))
         return state
+
+    def _forget(self, state: RunState) -> None:
+        run_id = state.run.run_id
+        if self.active.get(run_id) is state:
+            del self.active[run_id]
+        event = self._finished.pop(run_id, None)
+        if event is not None:
+            event.set()
 
     def finished_event(self, run_id: str) -> asyncio.Event:
         """Set when a run held here finishes (or leaves this orchestrator)."""
@@ -211,10 +235,6 @@ class Engine(Steps):
         finally:
             for task in state.background:
                 task.cancel()
-            self.active.pop(run.run_id, None)
-            event = self._finished.pop(run.run_id, None)
-            if event is not None:
-                event.set()
 
     async def _finish(self, state: RunState, status: str, result: Any, error_type: str | None,
                       error: str | None) -> None:
@@ -249,17 +269,27 @@ class Engine(Steps):
         opts = self.rt.options
         while not self.stopping:
             try:
-                room = opts.max_active_runs - len(self.active)
+                # A bite at a time: a run claimed but not started in time would lapse and
+                # bounce to another orchestrator. A full bite means more may be waiting.
+                room = min(CLAIM_BITE, opts.max_active_runs - len(self.active))
+                claimed: list[RunRow] = []
                 if room > 0:
                     claimed = await self.rt.store.claim_runs(self.owner, room, self.rt.clock.now(), opts.run_lease)
                     for run in claimed:
                         if run.run_id in self.active:
-                            continue
-                        entries = await self.rt.store.load_journal(run.run_id)
-                        if run.run_id not in self.active:
-                            self.launch(run, {e.seq: e for e in entries})
+                            continue  # still winding down here; the heartbeat releases it to be claimed again
+                        self._claiming.add(run.run_id)
+                        try:
+                            entries = await self.rt.store.load_journal(run.run_id)
+                            if run.run_id not in self.active:
+                                self.launch(run, {e.seq: e for e in entries})
+                        finally:
+                            self._claiming.discard(run.run_id)
             except (StoreError, ConfigurationError) as exc:
                 log.warning("claiming runs failed: %s", exc)
+            if len(claimed) == CLAIM_BITE:
+                await asyncio.sleep(0)
+                continue
             self._wake.clear()
             try:
                 await asyncio.wait_for(self._wake.wait(), opts.run_poll)
@@ -280,6 +310,27 @@ class Engine(Steps):
                     # Someone took it over (we were too slow): stop executing it here.
                     state.lost = True
                     state.task.cancel()
+            orphans = held - self.active.keys() - self._claiming
+            if orphans:
+                # Leased to us but executed nowhere (e.g. claimed back while its old task
+                # was still winding down): a heartbeat must not keep such a lease alive.
+                log.info("releasing %d run(s) leased here but not executing: %s", len(orphans), sorted(orphans)[:5])
+                await self._release(orphans)
+                self._wake.set()
+
+    async def _release(self, run_ids: set[str]) -> None:
+        ids = sorted(run_ids)
+        marks = ", ".join("?" * len(ids))
+        try:
+            await self.rt.store.write(
+                lambda tx: tx.execute(
+                    "UPDATE ip_runs SET owner = NULL, lease_until = NULL "
+                    f"WHERE owner = ? AND status = 'running' AND run_id IN ({marks})",
+                    (self.owner, *ids),
+                )
+            )
+        except StoreError as exc:  # the lease lapses by itself
+            log.warning("could not release runs: %s", exc)
 
     # ------------------------------------------------------------------ control
     async def cancel(self, run_id: str) -> RunRow | None:
@@ -308,6 +359,45 @@ class Engine(Steps):
         for fut in list(state.waiting):
             if not fut.done():
                 fut.set_exception(WorkflowCancelled(f"run {run_id} was cancelled"))
+
+    async def watch(self, run_id: str, timeout: float | None) -> None:
+        """Return when the run may have ended (or after ``timeout``); the caller checks."""
+        if run_id in self.active:
+            event = self.finished_event(run_id)
+        else:
+            watched = self._watched.get(run_id)
+            if watched is None:
+                watched = self._watched[run_id] = asyncio.Event()
+            event = watched
+            if self._watcher is None or self._watcher.done():
+                self._watcher = asyncio.get_running_loop().create_task(self._watch_loop(), name="interplay-watch")
+        try:
+            await asyncio.wait_for(event.wait(), timeout)
+        except TimeoutError:
+            pass
+
+    async def _watch_loop(self) -> None:
+        """One query for all runs awaited here but executed elsewhere, instead of one each."""
+        pause = 0.005
+        while self._watched:
+            await asyncio.sleep(pause)
+            ids = list(self._watched)
+            ended: set[str] = set()
+            try:
+                for i in range(0, len(ids), 500):
+                    chunk = ids[i:i + 500]
+                    marks = ", ".join("?" * len(chunk))
+                    query = (f"SELECT run_id FROM ip_runs WHERE run_id IN ({marks}) "
+                             "AND status NOT IN ('pending', 'running')")
+                    rows = await self.rt.store.read(partial(_all, query, chunk))
+                    ended.update(r[0] for r in rows)
+            except StoreError as exc:
+                log.warning("watching runs failed: %s", exc)
+            for run_id in ended | {r for r in ids if r in self.active}:
+                event = self._watched.pop(run_id, None)
+                if event is not None:
+                    event.set()
+            pause = 0.005 if ended else min(pause * 2, 0.1)
 
     def active_state(self, run_id: str | None) -> RunState | None:
         """The state of a run executing here."""

@@ -9,6 +9,8 @@ from ..errors import NotFound, WorkflowFailed
 from ..stores.records import JournalEntry, RunRow
 from ..stores.workflows import TERMINAL
 
+ENDED = TERMINAL | {"parked"}
+
 if TYPE_CHECKING:
     from ..runtime import Runtime
 
@@ -53,26 +55,16 @@ class WorkflowHandle:
         """
         loop = asyncio.get_running_loop()
         deadline = None if timeout is None else loop.time() + timeout
-        pause = 0.01
         while True:
             row = await self.run()
-            if row.status in TERMINAL or row.status == "parked":
+            if row.status in ENDED:
                 return self._outcome(row)
             remaining = None if deadline is None else deadline - loop.time()
             if remaining is not None and remaining <= 0:
                 raise TimeoutError(f"workflow run {self.id} still {row.status} after {timeout}s")
-            engine = self._rt.engine
-            wait = pause if remaining is None else min(pause, remaining)
-            if self.id in engine.active:
-                # Executing here: wake the moment it ends.
-                event = engine.finished_event(self.id)
-                try:
-                    await asyncio.wait_for(event.wait(), None if remaining is None else remaining)
-                except TimeoutError:
-                    pass
-            else:
-                await asyncio.sleep(wait)
-                pause = min(pause * 2, 0.2)
+            # Executing here: woken the moment it ends; elsewhere: by the runtime's one
+            # watcher, which asks the store about every awaited run at once.
+            await self._rt.engine.watch(self.id, remaining)
 
     def _outcome(self, row: RunRow) -> Any:
         if row.status == "completed":

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -30,6 +31,8 @@ if TYPE_CHECKING:
     from .engine import RunState
 
 __all__ = ["LeaseLost", "Steps"]
+
+log = logging.getLogger("interplay.workflow")
 
 
 class LeaseLost(Exception):
@@ -127,6 +130,7 @@ class Steps:
             msg = Message(type=target, payload=data, kind="command", flow_id=run.flow_id,
                           causation_id=state.root_id, source=state.source, headers=headers)
             self.replies[msg.id] = fut
+            log.debug("run %s: sending %s %s", run.run_id, target, msg.id)
             deadline = None if timeout is None else self._now() + timeout
             entry = self._entry(state, key, "call", target, "scheduled", msg_id=msg.id, data={"args": digest},
                                 deadline=deadline)
@@ -135,6 +139,8 @@ class Steps:
             # In flight when its previous owner stopped: send it again with the same id;
             # the service's inbox answers from the reply it stored the first time.
             assert entry.msg_id is not None
+            log.debug("run %s: sending %s %s again (in flight when its owner stopped)", run.run_id, target,
+                      entry.msg_id)
             msg = Message(type=target, payload=data, kind="command", id=entry.msg_id, flow_id=run.flow_id,
                           causation_id=state.root_id, source=state.source, headers=headers)
             self.replies[msg.id] = fut
@@ -156,7 +162,9 @@ class Steps:
         run_id, key = msg.headers.get("x-run"), msg.headers.get("x-key")
         fut = self.replies.get(msg.causation_id or "")
         if fut is None or fut.done():
+            log.debug("run %s: reply to %s and nobody waits for it here", run_id, msg.causation_id)
             return  # nobody waits here any more (timed out, or the run moved on)
+        log.debug("run %s: reply to %s", run_id, msg.causation_id)
         state = self.active_state(run_id)
         if state is not None and key is not None:
             body = msg.payload if isinstance(msg.payload, dict) else {}
@@ -219,6 +227,8 @@ class Steps:
 
         def op(em: Emitter) -> tuple[bool, Any, str | None, str | None]:
             tx = em.tx
+            if not ops.holds(tx, state.run.run_id, self.owner, em.now):
+                return False, None, None, None  # fenced *before* the step's writes: none happen
             tx.execute("SAVEPOINT ip_step")
             try:
                 data = to_json(fn(Transaction(tx), *args))
