@@ -22,6 +22,7 @@ if TYPE_CHECKING:
     from .clock import Clock
     from .runtime import Runtime
     from .stores.base import Store
+    from .tracing.hooks import Observer
     from .transports.base import Transport
 
 __all__ = ["App", "FlowSpec", "WorkflowSpec"]
@@ -176,6 +177,7 @@ class App:
         services: Sequence[str] | None = None,
         orchestrator: bool = True,
         clock: Clock | None = None,
+        observers: Sequence[Observer] = (),
         **options: Any,
     ) -> Runtime:
         """A runtime for this app; use as ``async with app.run(...) as rt:``.
@@ -188,6 +190,7 @@ class App:
             services: the services this process hosts (default: all).
             orchestrator: whether this process runs workflows.
             clock: a clock (``interplay.testing.VirtualClock`` in tests).
+            observers: instrumentation (OpenTelemetry, metrics): see ``interplay.tracing.hooks``.
             **options: see :class:`~interplay.runtime.RuntimeOptions`.
         """
         from .runtime import Runtime, RuntimeOptions
@@ -200,6 +203,7 @@ class App:
             orchestrator=orchestrator,
             clock=clock,
             options=RuntimeOptions(**options),
+            observers=observers,
         )
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable, Sequence
+from contextvars import ContextVar
 from typing import TYPE_CHECKING, Any
 
 import orjson
@@ -33,6 +34,9 @@ if TYPE_CHECKING:
 __all__ = ["Consumer"]
 
 log = logging.getLogger("interplay.dispatch")
+
+# Headers an observer wants on what the current handling emits (its trace context).
+_TRACE_HEADERS: ContextVar[dict[str, str]] = ContextVar("interplay_trace_headers", default={})  # noqa: B039
 
 
 class Consumer:
@@ -144,7 +148,18 @@ class Consumer:
             else:
                 done = self._running[msg_id] = asyncio.Event()
         try:
-            await self._handle(d)
+            if d.message is None or not self.rt.instrumentation.observers:
+                await self._handle(d)
+            else:
+                handler = self._handler_for(d.message)
+                with self.rt.instrumentation.handling(
+                    d.message, self.group, handler.name if handler else None
+                ) as headers:
+                    token = _TRACE_HEADERS.set(headers)
+                    try:
+                        await self._handle(d)
+                    finally:
+                        _TRACE_HEADERS.reset(token)
         except asyncio.CancelledError:
             raise
         except (TransportError, StoreError) as exc:
@@ -344,6 +359,11 @@ class Consumer:
         rt = self.rt
         settlement.queue_id, settlement.lease = d.queue_id, d.lease
         topology = rt.app.topology
+        trace = _TRACE_HEADERS.get()
+        for m in emits:
+            if trace:
+                m.headers.update(trace)
+            rt.instrumentation.published(m)
         settlement.emits = [topology.outgoing(m) for m in emits]
         for out in settlement.emits:
             if out.route in rt.store.local_routes and is_workflow_reply(out.message):
@@ -360,6 +380,9 @@ class Consumer:
         if result == "failed":
             return result
         self.handled += 1
+        if settlement.span is not None and rt.instrumentation.observers:
+            span = settlement.span
+            rt.instrumentation.handled(span, max(0.0, span.started - (d.message.time if d.message else span.started)))
         await rt.relay(relay)  # to the broker, or in memory to this process's reply inbox
         if rt.transport.store_bound:
             return result  # the ack was part of the transaction

@@ -30,6 +30,7 @@ from .stores.messaging import Delivery as DeliveryMode
 from .stores.messaging import Relay
 from .stores.records import DeadLetterRecord, FlowStart, Outgoing, RunRow
 from .tracing.flows import Flow, FlowSummary
+from .tracing.hooks import Instrumentation, Observer
 from .transports import open_transport
 from .transports.base import Transport, reply_route
 from .workflow.engine import Engine
@@ -104,6 +105,7 @@ class Runtime:
         orchestrator: bool,
         clock: Clock | None,
         options: RuntimeOptions,
+        observers: Sequence[Observer] = (),
     ) -> None:
         self.app = app
         self.options = options
@@ -121,6 +123,8 @@ class Runtime:
         self.hosted = list(services) if services is not None else list(app.services)
         self.orchestrator = orchestrator
         self.consumers: dict[str, Consumer] = {}
+        self.instrumentation = Instrumentation(observers)
+        """Observers of this runtime (OpenTelemetry, metrics, yours): see tracing.hooks."""
         self.engine = Engine(self)
         self.replies = ReplyInbox(self)
         self._replies_started = False
@@ -223,6 +227,7 @@ class Runtime:
             type=event, payload=to_json(payload), kind="event", id=id or new_id(),
             flow_id=flow_id or "", source=self.options.source, headers=dict(headers or {}),
         )
+        self.instrumentation.published(msg)
         now = self.clock.now()
         topology = self.app.topology
         start = topology.flow_start(msg, now) if flow_id is None else None

@@ -256,6 +256,7 @@ class Engine(Steps):
         if not ok:
             log.info("run %s ended here but another orchestrator owns it now", run.run_id)
             return
+        self.rt.instrumentation.run_ended(run, status, now - run.created)
         await self.rt.relay(relay)
 
     async def _park(self, state: RunState, exc: NonDeterminismError) -> None:

@@ -130,6 +130,7 @@ class Steps:
             msg = Message(type=target, payload=data, kind="command", flow_id=run.flow_id,
                           causation_id=state.root_id, source=state.source, headers=headers)
             self.replies[msg.id] = fut
+            self.rt.instrumentation.published(msg)
             log.debug("run %s: sending %s %s", run.run_id, target, msg.id)
             deadline = None if timeout is None else self._now() + timeout
             entry = self._entry(state, key, "call", target, "scheduled", msg_id=msg.id, data={"args": digest},
@@ -272,6 +273,7 @@ class Steps:
         self._fresh(state)
         msg = Message(type=event, payload=data, kind="event", flow_id=state.run.flow_id,
                       causation_id=state.root_id, source=state.source)
+        self.rt.instrumentation.published(msg)
         await self.write(state, self._entry(state, key, "emit", event, "completed", msg_id=msg.id),
                          [self.rt.app.topology.outgoing(msg)])
         return msg.id
