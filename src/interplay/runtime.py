@@ -31,6 +31,7 @@ from .stores.messaging import Relay
 from .stores.records import DeadLetterRecord, FlowStart, Outgoing, RunRow
 from .tracing.flows import Flow, FlowSummary
 from .tracing.hooks import Instrumentation, Observer
+from .tracing.stuck import FlowStuck, announce_stuck
 from .transports import open_transport
 from .transports.base import Transport, reply_route
 from .workflow.engine import Engine
@@ -82,6 +83,10 @@ class RuntimeOptions:
     """Workflow runs one orchestrator executes at once."""
     call_timeout: float = 30.0
     """Default timeout of ``rt.call``."""
+    stuck_check_interval: float | None = 10.0
+    """Seconds (on the runtime's clock) between looks for declared flows past their
+    ``within``; each is announced once, whichever process sees it first, by the event
+    ``interplay.flow.stuck``. None: this process does not look."""
 
 
 class Runtime:
@@ -171,6 +176,12 @@ class Runtime:
             self._background.append(loop.create_task(self._purge_loop(), name="interplay-purge"))
             if self.delivery_mode == "outbox":
                 self._background.append(loop.create_task(self._relay_loop(), name="interplay-outbox"))
+            # Only processes that run part of the app watch (not a publishing client or
+            # the CLI), and only for an app that declares a deadline somewhere.
+            if self.options.stuck_check_interval and (self.hosted or self.orchestrator) and any(
+                spec.within is not None for spec in self.app.flows.values()
+            ):
+                self._background.append(loop.create_task(self._stuck_loop(), name="interplay-stuck-watch"))
         except BaseException:
             await self._close_backends()
             raise
@@ -292,6 +303,23 @@ class Runtime:
                 await self.store.purge(now - self.options.inbox_retention, now - self.options.trace_retention)
             except StoreError as exc:
                 log.warning("retention sweep failed: %s", exc)
+
+    async def _stuck_loop(self) -> None:
+        assert self.options.stuck_check_interval is not None
+        while True:
+            await self.clock.sleep(self.options.stuck_check_interval)
+            try:
+                await self.check_stuck()
+            except Exception as exc:  # the watch must outlive a bad moment of the store or bus
+                expected = isinstance(exc, StoreError | TransportError)
+                log.warning("stuck-flow check failed: %s", exc, exc_info=not expected)
+
+    async def check_stuck(self) -> list[FlowStuck]:
+        """Announce declared flows past their ``within`` (``interplay.flow.stuck``, once per flow).
+
+        The watch calls this every ``stuck_check_interval``; returns the flows this call announced.
+        """
+        return await announce_stuck(self)
 
     # ------------------------------------------------------------------ orchestration
     async def start(

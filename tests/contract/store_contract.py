@@ -415,13 +415,28 @@ class StoreContract:
         run = new_run("run-" + tag(), owner="a")
         await self.emitting(store, lambda em: workflows.create_run(em, run, root_of(run)))
         step = JournalEntry(run.run_id, 0, "step", "charge", "completed", data={"ok": 1}, started=T0, ended=T0)
-        assert await self.emitting(store, lambda em: workflows.write_step(em, "a", step))
+        assert await self.emitting(store, lambda em: workflows.write_step(em, ("a", 0), step))
         await store.claim_runs("b", 10, T0 + 100, 5)  # a stopped heartbeating
         stale = JournalEntry(run.run_id, 1, "step", "ship", "completed", data={"by": "a"}, started=T0)
-        assert not await self.emitting(store, lambda em: workflows.write_step(em, "a", stale))
+        assert not await self.emitting(store, lambda em: workflows.write_step(em, ("a", 0), stale))
         mine = JournalEntry(run.run_id, 1, "step", "ship", "completed", data={"by": "b"}, started=T0)
-        assert await self.emitting(store, lambda em: workflows.write_step(em, "b", mine))
+        assert await self.emitting(store, lambda em: workflows.write_step(em, ("b", 1), mine))
         assert [(e.seq, e.data) for e in await store.load_journal(run.run_id)] == [(0, {"ok": 1}), (1, {"by": "b"})]
+
+    async def test_a_run_claimed_back_fences_its_old_execution(self, store: Store) -> None:
+        # a claims, loses the run to b, claims it back: the writes a still had in flight
+        # from its first lease carry the old epoch and are refused, though the owner is a.
+        run = new_run("run-" + tag())
+        await self.emitting(store, lambda em: workflows.create_run(em, run, root_of(run)))
+        (first,) = await store.claim_runs("a", 10, T0, 5)
+        (second,) = await store.claim_runs("b", 10, T0 + 10, 5)
+        (third,) = await store.claim_runs("a", 10, T0 + 20, 5)
+        assert (first.epoch, second.epoch, third.epoch) == (1, 2, 3)
+        late = JournalEntry(run.run_id, 0, "step", "charge", "completed", data={"lease": 1}, started=T0)
+        assert not await self.emitting(store, lambda em: workflows.write_step(em, first.holder, late))
+        now = JournalEntry(run.run_id, 0, "step", "charge", "completed", data={"lease": 3}, started=T0)
+        assert await self.emitting(store, lambda em: workflows.write_step(em, third.holder, now))
+        assert [e.data for e in await store.load_journal(run.run_id)] == [{"lease": 3}]
 
     async def test_an_event_after_a_wait_wakes_the_run(self, store: Store) -> None:
         owner, replies = "orch-" + tag(), "replies-" + tag()
@@ -432,10 +447,10 @@ class StoreContract:
         await store.publish([out(early)], T0, "queue")
         entry = wait_entry(run.run_id, 0, "delivery.confirmed")
         found = await self.emitting(store, lambda em: workflows.register_wait(
-            em, owner, entry, run.flow_id, "delivery.confirmed", []))
+            em, (owner, 0), entry, run.flow_id, "delivery.confirmed", []))
         assert found == [(early.id, {"n": 0})]  # what already happened comes back at once
         found = await self.emitting(store, lambda em: workflows.register_wait(
-            em, owner, entry, run.flow_id, "delivery.confirmed", [early.id]))
+            em, (owner, 0), entry, run.flow_id, "delivery.confirmed", [early.id]))
         assert found == []
         later = event("delivery.confirmed", flow_id=run.flow_id, payload={"n": 1})
         await store.publish([out(later)], T0 + 1, "queue")
@@ -454,15 +469,15 @@ class StoreContract:
             await self.emitting(store, lambda em, run=run: workflows.create_run(em, run, root_of(run)))
         entry = wait_entry(parent.run_id, 3, "@run:" + child.run_id)
         assert await self.emitting(store, lambda em: workflows.register_wait(
-            em, owner, entry, parent.flow_id, "@run:" + child.run_id, [])) == []
+            em, (owner, 0), entry, parent.flow_id, "@run:" + child.run_id, [])) == []
         done = span(Message(type="wf", flow_id=parent.flow_id), "wf")
         assert await self.emitting(store, lambda em: workflows.finish_run(
-            em, child, owner, "completed", {"r": 2}, None, None, done), T0 + 1)
+            em, child, (owner, 0), "completed", {"r": 2}, None, None, done), T0 + 1)
         (row,) = await store.claim(replies, 10, T0 + 1, 5)
         assert Message.decode(row.body).payload["payload"] == {
             "status": "completed", "result": {"r": 2}, "error_type": None, "error": None}
         assert await self.emitting(store, lambda em: workflows.finish_run(
-            em, parent, owner, "completed", "ok", None, None, done), T0 + 2)
+            em, parent, (owner, 0), "completed", "ok", None, None, done), T0 + 2)
         ended = await store.get_run(parent.run_id)
         assert ended is not None
         assert (ended.status, ended.result, ended.owner) == ("completed", "ok", None)
@@ -486,7 +501,7 @@ class StoreContract:
         registered, emitted = threading.Event(), threading.Event()
 
         def register_and_hold(em: messaging.Emitter) -> Any:
-            found = workflows.register_wait(em, owner, wait_entry(run.run_id, 0, "race.won"), run.flow_id,
+            found = workflows.register_wait(em, (owner, 0), wait_entry(run.run_id, 0, "race.won"), run.flow_id,
                                             "race.won", [])
             registered.set()
             emitted.wait(1.0)  # a bounded hold: a store that serializes us blocks the emitter

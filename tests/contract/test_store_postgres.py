@@ -148,7 +148,7 @@ async def test_writer_and_reader_reconnect_after_their_connections_drop(store: P
 
 
 async def test_ops_fail_with_store_error_while_the_server_is_unreachable(pg_url: str) -> None:
-    s = PostgresStore(pg_url)
+    s = PostgresStore(pg_url + ("&" if "?" in pg_url else "?") + "writers=1")  # one connection to cut
     await s.open()
     try:
         s.conninfo = "postgresql://postgres@127.0.0.1:1/nowhere"  # every reconnect now fails

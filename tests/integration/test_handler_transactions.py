@@ -10,12 +10,10 @@ import pytest
 
 from interplay import App, Context, Retry, Transaction
 
-BUSES = [None, "memory://"]
+from ..buses import Bus
 
-
-@pytest.fixture(params=BUSES, ids=["store", "memory"])
-def bus(request: pytest.FixtureRequest) -> str | None:
-    return request.param  # type: ignore[no-any-return]
+# The rows are the store's business; how each bus delivers duplicates is test_choreography's.
+pytestmark = pytest.mark.buses("store", "memory")
 
 
 def ledger_app(runs: Counter[str], fail: dict[str, int]) -> App:
@@ -45,10 +43,10 @@ async def _create_ledger(rt: Any) -> None:
     await rt.store.write(lambda tx: tx.execute("CREATE TABLE IF NOT EXISTS ledger (order_id INTEGER, amount REAL)"))
 
 
-async def test_rows_written_once_under_duplicate_delivery(bus: str | None, sqlite_url: str) -> None:
+async def test_rows_written_once_under_duplicate_delivery(bus: Bus) -> None:
     runs: Counter[str] = Counter()
     app = ledger_app(runs, {})
-    async with app.run(store=sqlite_url, bus=bus) as rt:
+    async with bus.run(app) as rt:
         await _create_ledger(rt)
         same = "0190f000-0000-7000-8000-00000000000a"
         await asyncio.gather(*(rt.publish("order.paid", {"id": 1, "amount": 9.5}, id=same) for _ in range(4)))
@@ -59,10 +57,10 @@ async def test_rows_written_once_under_duplicate_delivery(bus: str | None, sqlit
         assert await _ledger(rt) == [(1, 9.5), (2, 3.0)]
 
 
-async def test_a_failing_transaction_undoes_the_handling_and_retries(bus: str | None, sqlite_url: str) -> None:
+async def test_a_failing_transaction_undoes_the_handling_and_retries(bus: Bus) -> None:
     runs: Counter[str] = Counter()
     app = ledger_app(runs, {"left": 2})
-    async with app.run(store=sqlite_url, bus=bus) as rt:
+    async with bus.run(app) as rt:
         await _create_ledger(rt)
         flow_id = await rt.publish("order.paid", {"id": 7, "amount": 1.0})
         await rt.settled()

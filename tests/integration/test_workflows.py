@@ -1,4 +1,10 @@
-"""Durable workflows on real SQLite: every primitive, sagas, retries, timeouts, replay."""
+"""Durable workflows on real SQLite: every primitive, sagas, retries, timeouts, replay.
+
+Tests about what crosses the bus - commands with their replies and errors, sagas,
+events and wake-ups, cancellation, rt.call - run on every bus (tests/buses.py); those
+about the engine's own machinery (timers, retries and timeouts, buffering, idempotent
+starts, replay) on the store's own queue.
+"""
 
 from __future__ import annotations
 
@@ -26,17 +32,12 @@ from interplay import (
 )
 from interplay.testing import wait_until
 
-BUSES = ["store", "memory"]
+from ..buses import Bus
 
 
 class Order(BaseModel):
     id: int
     amount: float = 10.0
-
-
-@pytest.fixture(params=BUSES)
-def bus(request: pytest.FixtureRequest) -> str | None:
-    return None if request.param == "store" else "memory://"
 
 
 def shop(calls: Counter[str], log: list[str] | None = None) -> App:
@@ -82,7 +83,7 @@ def shop(calls: Counter[str], log: list[str] | None = None) -> App:
     return app
 
 
-async def test_call_step_and_result(bus: str | None, sqlite_url: str) -> None:
+async def test_call_step_and_result(bus: Bus) -> None:
     calls: Counter[str] = Counter()
     app = shop(calls)
     steps: list[int] = []
@@ -98,7 +99,7 @@ async def test_call_step_and_result(bus: str | None, sqlite_url: str) -> None:
         await ctx.call("notification.notify", order)
         return {"receipt": receipt["receipt"], "vat": vat}
 
-    async with app.run(store=sqlite_url, bus=bus) as rt:
+    async with bus.run(app) as rt:
         run = await rt.start("checkout", Order(id=1, amount=50))
         assert await run.result(timeout=10) == {"receipt": "r-1", "vat": 10.0}
         assert await run.status() == "completed"
@@ -121,7 +122,7 @@ async def test_call_step_and_result(bus: str | None, sqlite_url: str) -> None:
     )
 
 
-async def test_saga_third_step_fails_compensates_first_two_in_reverse(bus: str | None, sqlite_url: str) -> None:
+async def test_saga_third_step_fails_compensates_first_two_in_reverse(bus: Bus) -> None:
     calls: Counter[str] = Counter()
     log: list[str] = []
     app = shop(calls, log)
@@ -136,7 +137,7 @@ async def test_saga_third_step_fails_compensates_first_two_in_reverse(bus: str |
             await ctx.call("shipping.ship", order)  # fails for order 13
         return "shipped"
 
-    async with app.run(store=sqlite_url, bus=bus) as rt:
+    async with bus.run(app) as rt:
         run = await rt.start("checkout", Order(id=13))
         with pytest.raises(WorkflowFailed) as failed:
             await run.result(timeout=10)
@@ -169,7 +170,7 @@ async def test_compensating_a_step_that_never_ran_is_a_no_op(sqlite_url: str) ->
     assert calls["refund"] == 0
 
 
-async def test_step_failed_carries_the_remote_error(sqlite_url: str) -> None:
+async def test_step_failed_carries_the_remote_error(bus: Bus) -> None:
     app = shop(Counter())
     seen: list[StepFailed] = []
 
@@ -182,7 +183,7 @@ async def test_step_failed_carries_the_remote_error(sqlite_url: str) -> None:
             return "declined"
         return "paid"
 
-    async with app.run(store=sqlite_url) as rt:
+    async with bus.run(app) as rt:
         assert await (await rt.start("checkout", Order(id=1, amount=-5))).result(timeout=10) == "declined"
     (exc,) = seen
     assert exc.step == "payments.charge"
@@ -256,7 +257,7 @@ async def test_local_step_retry_and_timeout(sqlite_url: str) -> None:
     assert len(tries) == 2
 
 
-async def test_emit_and_wait_for_mix_choreography_into_a_workflow(bus: str | None, sqlite_url: str) -> None:
+async def test_emit_and_wait_for_mix_choreography_into_a_workflow(bus: Bus) -> None:
     app = App("mixed")
     delivery = app.service("delivery")
 
@@ -270,7 +271,7 @@ async def test_emit_and_wait_for_mix_choreography_into_a_workflow(bus: str | Non
         confirmed: dict[str, Any] = await ctx.wait_for("delivery.confirmed", match={"order": order.id}, timeout=10)
         return confirmed
 
-    async with app.run(store=sqlite_url, bus=bus) as rt:
+    async with bus.run(app) as rt:
         run = await rt.start("ship_and_wait", Order(id=9))
         assert await run.result(timeout=10) == {"order": 9, "by": "courier"}
         flow = await rt.trace(run.flow_id)
@@ -390,7 +391,7 @@ async def test_invalid_input_is_refused_at_start_and_nothing_is_stored(sqlite_ur
         assert await rt.flows() == []
 
 
-async def test_cancel_a_waiting_workflow_runs_its_compensations(sqlite_url: str) -> None:
+async def test_cancel_a_waiting_workflow_runs_its_compensations(bus: Bus) -> None:
     calls: Counter[str] = Counter()
     app = shop(calls)
 
@@ -402,7 +403,7 @@ async def test_cancel_a_waiting_workflow_runs_its_compensations(sqlite_url: str)
             await ctx.wait_for("never.comes")
         return "done"
 
-    async with app.run(store=sqlite_url) as rt:
+    async with bus.run(app) as rt:
         run = await rt.start("patient", Order(id=5))
         await wait_until(lambda: _has_wait(rt, run.id), message="the run to wait")
         assert await run.cancel() is True
@@ -497,9 +498,9 @@ async def test_cancel_before_start_and_failed_workflow_code(sqlite_url: str) -> 
         assert issubclass(WorkflowCancelled, Exception)
 
 
-async def test_rt_call_outside_a_workflow(bus: str | None, sqlite_url: str) -> None:
+async def test_rt_call_outside_a_workflow(bus: Bus) -> None:
     app = shop(Counter())
-    async with app.run(store=sqlite_url, bus=bus) as rt:
+    async with bus.run(app) as rt:
         assert await rt.call("payments.charge", Order(id=3)) == {"receipt": "r-3"}
         with pytest.raises(StepFailed, match="negative amount"):
             await rt.call("payments.charge", Order(id=3, amount=-1))

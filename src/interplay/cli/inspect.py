@@ -12,6 +12,7 @@ from rich.table import Table
 
 from ..app import App
 from ..runtime import Runtime
+from ..stores import traces
 from ..tracing.render import STATUS_STYLE
 from .common import BusOption, StoreOption, console, fail, run_async
 
@@ -36,6 +37,13 @@ def _when(ts: float | None) -> str:
     return "" if ts is None else datetime.fromtimestamp(ts).strftime("%Y-%m-%d %H:%M:%S")
 
 
+def _span(seconds: float) -> str:
+    for unit, size in (("d", 86400), ("h", 3600), ("min", 60)):
+        if seconds >= 2 * size:
+            return f"{seconds / size:.0f}{unit}"
+    return f"{seconds:.0f}s"
+
+
 def flows(
     store: StoreOption = "sqlite:///interplay.db",
     status: Annotated[str | None, typer.Option(help=f"Only flows in this status: {', '.join(FLOW_STATUSES)}.")] = None,
@@ -45,6 +53,10 @@ def flows(
     """List flows (choreographed flows and workflow runs), newest first."""
     if status is not None and status not in FLOW_STATUSES:
         raise fail(f"unknown status {status!r}; use one of {', '.join(FLOW_STATUSES)}", 2)
+
+    if status == "stuck":
+        run_async(lambda: _stuck(store, name, limit))
+        return
 
     async def main() -> None:
         async with tool_runtime(store) as rt:
@@ -61,6 +73,23 @@ def flows(
         console.print(table if rows else "no flows")
 
     run_async(main)
+
+
+async def _stuck(store: str, name: str | None, limit: int) -> None:
+    """Stuck flows, the longest overdue first: where each got to and whether it was announced."""
+    async with tool_runtime(store) as rt:
+        now = rt.clock.now()
+        found = await rt.store.read(lambda tx: traces.stuck_flows(tx, now, name, limit))
+    table = Table(title=f"stuck flows in {rt.store.url}", title_justify="left")
+    for col in ("flow id", "name", "started", "deadline", "overdue", "last step", "pending", "dead", "announced"):
+        table.add_column(col, overflow="fold")
+    for s in found:
+        f = s.flow
+        table.add_row(
+            f.flow_id, f.name, _when(f.started), _when(f.deadline), _span(now - (f.deadline or now)), f.last_type or "",
+            str(f.pending), str(f.dead), _when(s.announced) if s.announced is not None else "not yet",
+        )
+    console.print(table if found else "no stuck flows")
 
 
 def trace(

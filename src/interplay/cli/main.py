@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from . import db, demo, inspect, run, workflows
+from . import dashboard, db, demo, inspect, map, run, workflows
 
 __all__ = ["cli", "main"]
 
@@ -20,6 +20,8 @@ run.register(cli)
 inspect.register(cli)
 workflows.register(cli)
 db.register(cli)
+dashboard.register(cli)
+map.register(cli)
 
 
 def main() -> None:

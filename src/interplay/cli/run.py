@@ -16,6 +16,7 @@ from ..errors import ConfigurationError
 from ..runtime import Runtime
 from ..service import check_name
 from .common import BusOption, StoreOption, console, fail, load_app, parse_json, run_async
+from .observe import MetricsPortOption, Observability, OtelOption
 
 __all__ = ["register"]
 
@@ -36,12 +37,15 @@ def run(
         float, typer.Option(help="Seconds before another orchestrator takes over a run whose owner went silent.")
     ] = 5.0,
     log_level: Annotated[str, typer.Option(help="Logging level.")] = "WARNING",
+    metrics_port: MetricsPortOption = None,
+    otel: OtelOption = None,
 ) -> None:
     """Host services (and workflows) until stopped with Ctrl-C or SIGTERM."""
     if log_level.upper() not in logging.getLevelNamesMapping():
         raise fail(f"unknown log level {log_level!r}; use one of DEBUG, INFO, WARNING, ERROR, CRITICAL", 2)
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     app = load_app(target)
+    observing = Observability(otel=otel, metrics_port=metrics_port, bus=bus)  # after the app set up any OTel SDK
 
     async def main() -> None:
         stop = asyncio.Event()
@@ -51,8 +55,8 @@ def run(
         loop.add_signal_handler(signal.SIGUSR1, _dump_tasks)  # `kill -USR1 PID`: where is everything waiting?
         async with app.run(
             store=store, bus=bus, services=service, orchestrator=orchestrator, lease=lease, prefetch=prefetch,
-            run_lease=run_lease,
-        ) as rt:
+            run_lease=run_lease, observers=observing.observers,
+        ) as rt, observing.serving(rt):
             hosted = ", ".join(rt.hosted) or "no services"
             console.print(
                 f"[bold]{app.name}[/bold]: hosting {hosted}"
@@ -125,6 +129,14 @@ def publish(
                 except TimeoutError as exc:
                     console.print(await rt.trace(fid))
                     raise fail(f"timed out: {exc}; are its services running? (interplay run {target})") from None
+                # A failed flow may still be compensating: show its tree once quiet.
+                loop = asyncio.get_running_loop()
+                quiet_by = loop.time() + min(wait, 5.0)
+                while loop.time() < quiet_by:
+                    row = await rt.store.flow(fid, rt.clock.now())
+                    if row is None or row.pending <= 0:
+                        break
+                    await asyncio.sleep(0.02)
                 console.print(await rt.trace(fid))
                 if summary.status != "completed":
                     raise fail(f"flow {fid} {summary.status}")

@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
+import threading
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -72,6 +73,8 @@ class Store(ABC):
         self.url = _redact(url)
         self._queue: SimpleQueue[Any] = SimpleQueue()
         self._writer_done: asyncio.Future[None] | None = None
+        self._more_writers: list[tuple[ThreadPoolExecutor, asyncio.Future[None]]] = []
+        self._local = threading.local()  # each writer thread's connection
         self._listeners: list[Callable[[set[str]], None]] = []
         self._precommit: list[Callable[[Tx], PrecommitResult]] = []
         self.local_routes: set[str] = set()
@@ -142,7 +145,18 @@ class Store(ABC):
             self._close_connections()
             self._shutdown_threads()
             raise
-        self._writer_done = loop.run_in_executor(self._wexec, self._writer_loop, loop)
+        self._writer_done = self._start_writer(loop, self._writer, "writer")
+        # More writers share the queue where the database runs transactions side by side
+        # and each one mostly waits on the network (PostgreSQL): throughput, not order.
+        for i in range(1, self._writer_count()):
+            ex = ThreadPoolExecutor(1, thread_name_prefix=f"interplay-{self.dialect}-writer{i}")
+            try:
+                conn = await loop.run_in_executor(ex, self._connect, "writer")
+            except self._error_types as exc:
+                ex.shutdown(wait=False)
+                log.warning("store %s: an extra writer could not connect (%s); going on with fewer", self.url, exc)
+                break
+            self._more_writers.append((ex, self._start_writer(loop, conn, f"writer{i}")))
         self._opened = True
 
     async def close(self) -> None:
@@ -150,9 +164,13 @@ class Store(ABC):
         if self._closed or not self._opened:
             return
         self._closed = True
-        self._queue.put(_STOP)
+        for _ in range(1 + len(self._more_writers)):
+            self._queue.put(_STOP)
         if self._writer_done is not None:
             await asyncio.shield(self._writer_done)
+        for ex, done in self._more_writers:
+            await asyncio.shield(done)
+            ex.shutdown(wait=False)
         loop = asyncio.get_running_loop()
         if self._reader is not None and self._reader is not self._writer:
             await loop.run_in_executor(self._rexec, _close_quietly, self._reader)
@@ -232,12 +250,38 @@ class Store(ABC):
         finally:
             cur.close()
 
-    def _writer_loop(self, loop: asyncio.AbstractEventLoop) -> None:
+    def _start_writer(self, loop: asyncio.AbstractEventLoop, conn: Any, name: str) -> asyncio.Future[None]:
+        """Run a writer loop on its own daemon thread; the future resolves when it stops.
+
+        Daemon: a store its owner forgot to close must not keep the process from exiting
+        (what was not committed was never confirmed to anyone).
+        """
+        done: asyncio.Future[None] = loop.create_future()
+
+        def finished() -> None:
+            if not done.done():
+                done.set_result(None)
+
+        def run() -> None:
+            try:
+                self._writer_loop(loop, conn)
+            finally:
+                self._post(loop, finished)
+
+        threading.Thread(target=run, name=f"interplay-{self.dialect}-{name}", daemon=True).start()
+        return done
+
+    def _writer_count(self) -> int:
+        """How many writer connections take ops from the queue (1 where only one may write)."""
+        return 1
+
+    def _writer_loop(self, loop: asyncio.AbstractEventLoop, conn: Any) -> None:
         """The writer thread: take every op waiting, commit them as one transaction, repeat.
 
         The next transaction starts the moment the previous one committed, while the
         event loop is still handing out the results: the writer never waits for it.
         """
+        self._local.conn = conn
         queue = self._queue
         stopping = False
         while not stopping:
@@ -269,6 +313,8 @@ class Store(ABC):
                 except Exception as exc:
                     outcome = _Failed(exc)
                 self._post(loop, self._hand_results, [(fn, fut)], [outcome], None)
+        if conn is not self._writer:  # an extra writer: its connection ends with it
+            _close_quietly(self._local.conn)
 
     @staticmethod
     def _post(loop: asyncio.AbstractEventLoop, fn: Callable[..., None], *args: Any) -> None:
@@ -295,7 +341,7 @@ class Store(ABC):
                 listener(routes)
 
     def _apply(self, ops: list[Callable[[Tx], Any]], attempt: int = 0) -> tuple[list[Any], set[str]]:
-        cur = self._writer.cursor()
+        cur = self._local.conn.cursor()
         tx = Tx(cur, self._convert, self.local_routes, self._flow_lock())
         after: list[PrecommitResult] = []
         try:
@@ -330,9 +376,12 @@ class Store(ABC):
             cur.close()
 
     def _reconnect_writer(self) -> None:
-        _close_quietly(self._writer)
+        old = self._local.conn
+        _close_quietly(old)
         try:
-            self._writer = self._connect("writer")
+            self._local.conn = self._connect("writer")
+            if old is self._writer:
+                self._writer = self._local.conn
         except Exception as exc:  # the database is down; the next op fails with it
             log.warning("store %s: reconnect failed: %s", self.url, exc)
 

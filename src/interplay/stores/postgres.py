@@ -28,6 +28,8 @@ What differs from SQLite, and nothing else (the SQL lives in the op modules):
 URL options besides libpq's own (``sslmode``, ``connect_timeout``, ...):
 ``schema=NAME`` keeps interplay's tables in that schema (created if missing), so
 several apps or tests can share one database; notifications are per schema too.
+``writers=N`` (default 4) sets how many connections commit in parallel (each one
+group-commits a batch of ops; writes are then not committed in submission order).
 Tip: a database created with ``LC_COLLATE 'C'`` orders ids bytewise like SQLite.
 SQL given to :class:`~interplay.stores.tx.Transaction` uses ``?`` placeholders here
 too: every ``?`` outside a quoted literal is one (write ``jsonb_exists(a, b)``, not
@@ -106,15 +108,18 @@ class PostgresStore(Store):
     )
 
     CLAIM_RUNS_SQL = (
-        "UPDATE ip_runs SET owner = ?, lease_until = ?, status = 'running', updated = ? "
+        "UPDATE ip_runs SET owner = ?, lease_until = ?, status = 'running', updated = ?, epoch = epoch + 1 "
         "WHERE run_id IN (SELECT run_id FROM ip_runs WHERE status IN ('pending', 'running') "
         "AND (owner IS NULL OR lease_until < ?) ORDER BY created LIMIT ? FOR UPDATE SKIP LOCKED) "
         f"RETURNING {RUN_COLUMNS}"
     )
 
+    def _writer_count(self) -> int:
+        return self.writers
+
     def __init__(self, url: str) -> None:
         super().__init__(url)
-        self.conninfo, self.schema = _parse_url(url)
+        self.conninfo, self.schema, self.writers = _parse_url(url)
         try:
             given = conninfo_to_dict(self.conninfo)
         except psycopg.Error as exc:
@@ -124,6 +129,7 @@ class PostgresStore(Store):
         self._migrating = False
         self._connect_failed: dict[str, tuple[float, str]] = {}  # role -> (when, why); its thread only
         self._queued_callbacks: list[Callable[[set[str]], None]] = []
+        self._writer_pids: set[int] = set()  # our own commits' notifications need no relay
         self._listener: asyncio.Task[None] | None = None
         self._listen_pid: int | None = None  # the listen connection's server process (diagnostics, tests)
         self.add_precommit_hook(self._notify_queued)
@@ -149,6 +155,8 @@ class PostgresStore(Store):
         except BaseException:
             conn.close()
             raise
+        if role == "writer":
+            self._writer_pids.add(conn.info.backend_pid)
         return conn
 
     def _session_setup(self, role: str) -> sql.Composed:
@@ -294,8 +302,7 @@ class PostgresStore(Store):
         """Hand notifications to the callbacks for a while; True if all routes need a wake."""
         async with contextlib.aclosing(conn.notifies(timeout=LISTEN_CHECK)) as notes:
             async for note in notes:
-                writer = self._writer
-                if isinstance(writer, _Connection) and note.pid == writer.backend_pid:
+                if note.pid in self._writer_pids:
                     continue  # our own commit: the commit listeners were called already
                 try:
                     routes = orjson.loads(note.payload)
@@ -428,21 +435,31 @@ def _convert_token(match: re.Match[str]) -> str:
     return token.replace("%", "%%")
 
 
-def _parse_url(url: str) -> tuple[str, str | None]:
-    """Split interplay's options off a postgresql:// URL: (libpq URL, schema)."""
+def _parse_url(url: str) -> tuple[str, str | None, int]:
+    """Split interplay's options off a postgresql:// URL: (libpq URL, schema, writers)."""
     parts = urlsplit(url)
     if parts.scheme.lower() not in ("postgresql", "postgres"):
         raise ConfigurationError(f"not a PostgreSQL URL: {url!r}")
     schema: str | None = None
+    writers = DEFAULT_WRITERS
     rest = []
     for key, value in parse_qsl(parts.query, keep_blank_values=True):
         if key == "schema":
             if not value:
                 raise ConfigurationError("schema= needs a name in the PostgreSQL store URL")
             schema = value
+        elif key == "writers":
+            if not value.isdigit() or not 1 <= int(value) <= 64:
+                raise ConfigurationError(f"writers= must be a number of connections from 1 to 64, got {value!r}")
+            writers = int(value)
         else:
             rest.append((key, value))
-    return urlunsplit(("postgresql", parts.netloc, parts.path, urlencode(rest), "")), schema
+    return urlunsplit(("postgresql", parts.netloc, parts.path, urlencode(rest), "")), schema, writers
+
+
+DEFAULT_WRITERS = 4
+"""Writer connections per store: each group-commits what it takes from the shared queue.
+A transaction mostly waits on the network, so a few in parallel multiply throughput."""
 
 
 def _channel(schema: str | None) -> str:

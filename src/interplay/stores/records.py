@@ -196,6 +196,13 @@ class RunRow:
     cancel_requested: bool
     created: float
     updated: float
+    epoch: int = 0
+    """Bumped by every claim: the fencing token of the current owner's lease."""
+
+    @property
+    def holder(self) -> tuple[str, int]:
+        """(owner, epoch): what every write in the run's name is fenced by."""
+        return (self.owner or "", self.epoch)
 
 
 @dataclass(slots=True)

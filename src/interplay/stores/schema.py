@@ -7,7 +7,7 @@ another style. Bump ``SCHEMA_VERSION`` and append to ``MIGRATIONS`` to change it
 
 from __future__ import annotations
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 3
 
 MIGRATIONS: dict[int, list[str]] = {
     1: [
@@ -68,6 +68,20 @@ MIGRATIONS: dict[int, list[str]] = {
             run_id TEXT NOT NULL, seq INTEGER NOT NULL, flow_id TEXT NOT NULL,
             type TEXT NOT NULL, PRIMARY KEY (run_id, seq)){no_rowid}""",
         "CREATE INDEX IF NOT EXISTS ip_waits_flow ON ip_waits (flow_id, type)",
+    ],
+    # The stuck-flow watch: when a declared flow past its deadline was announced (the
+    # event interplay.flow.stuck), so that of many watching processes only one does it.
+    2: [
+        "ALTER TABLE ip_flows ADD COLUMN stuck_at {real}",
+        """CREATE INDEX IF NOT EXISTS ip_flows_overdue ON ip_flows (deadline)
+            WHERE status = 'running' AND stuck_at IS NULL AND deadline IS NOT NULL""",
+    ],
+    # Fencing tokens for runs: every claim bumps the epoch, and every write in a run's
+    # name must carry the epoch it was claimed with. Owner ids alone are not enough:
+    # an orchestrator can lose a run and claim it back while its old execution still
+    # has writes in flight.
+    3: [
+        "ALTER TABLE ip_runs ADD COLUMN epoch INTEGER NOT NULL DEFAULT 0",
     ],
 }
 

@@ -37,7 +37,7 @@ class SqliteStore(Store):
     )
 
     CLAIM_RUNS_SQL = (
-        "UPDATE ip_runs SET owner = ?, lease_until = ?, status = 'running', updated = ? "
+        "UPDATE ip_runs SET owner = ?, lease_until = ?, status = 'running', updated = ?, epoch = epoch + 1 "
         "WHERE run_id IN (SELECT run_id FROM ip_runs WHERE status IN ('pending', 'running') "
         "AND (owner IS NULL OR lease_until < ?) ORDER BY created LIMIT ?) "
         f"RETURNING {RUN_COLUMNS}"

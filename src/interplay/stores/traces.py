@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import orjson
@@ -10,7 +11,7 @@ from .records import FlowRow, MessageRow, SpanRecord
 from .schema import FLOW_COLUMNS, FLOW_STATUS
 from .tx import Tx
 
-__all__ = ["flow_records", "flow_row", "list_flows"]
+__all__ = ["StuckFlow", "flow_records", "flow_row", "list_flows", "overdue_flows", "stuck_flows"]
 
 
 def _flow(r: Any) -> FlowRow:
@@ -84,3 +85,43 @@ def count_flows(tx: Tx, now: float) -> dict[str, int]:
         str(r[0]): int(r[1])
         for r in tx.all(f"SELECT {FLOW_STATUS} AS s, COUNT(*) FROM ip_flows GROUP BY s", (now,))
     }
+
+
+OVERDUE = "status = 'running' AND stuck_at IS NULL AND deadline IS NOT NULL AND deadline < ?"
+"""Flows past their deadline and not yet announced (the partial index ip_flows_overdue)."""
+
+
+def overdue_flows(tx: Tx, now: float, limit: int) -> list[FlowRow]:
+    """Stuck flows not yet announced, the longest overdue first."""
+    rows = tx.all(
+        f"SELECT {FLOW_COLUMNS} FROM ip_flows WHERE {OVERDUE} AND ({FLOW_STATUS}) = 'stuck' "
+        "ORDER BY deadline LIMIT ?",
+        (now, now, now, limit),
+    )
+    return [_flow(r) for r in rows]
+
+
+@dataclass(frozen=True, slots=True)
+class StuckFlow:
+    """A stuck flow as ``interplay flows --status stuck`` lists it.
+
+    Attributes:
+        flow: its record (``last_type`` is the last step it reached).
+        announced: when ``interplay.flow.stuck`` was emitted for it (None: not yet).
+    """
+
+    flow: FlowRow
+    announced: float | None
+
+
+def stuck_flows(tx: Tx, now: float, name: str | None, limit: int) -> list[StuckFlow]:
+    """Flows whose status is ``stuck`` as of ``now``, the longest overdue first."""
+    where = f"({FLOW_STATUS}) = 'stuck'"
+    params: list[object] = [now, now]
+    if name:
+        where += " AND name = ?"
+        params.append(name)
+    rows = tx.all(
+        f"SELECT {FLOW_COLUMNS}, stuck_at FROM ip_flows WHERE {where} ORDER BY deadline LIMIT ?", (*params, limit)
+    )
+    return [StuckFlow(_flow(r), None if r[12] is None else float(r[12])) for r in rows]

@@ -40,7 +40,7 @@ TERMINAL = frozenset({"completed", "failed", "compensated", "cancelled"})
 
 RUN_COLUMNS = (
     "run_id, workflow, flow_id, parent_run, parent_seq, status, input, result, error_type, error, "
-    "owner, lease_until, cancel_requested, created, updated"
+    "owner, lease_until, cancel_requested, created, updated, epoch"
 )
 _JOURNAL_COLUMNS = "run_id, seq, kind, name, status, msg_id, data, error_type, error, started, ended, deadline"
 
@@ -60,7 +60,7 @@ def run_row(r: Any) -> RunRow:
         parent_seq=None if r[4] is None else int(r[4]), status=r[5], input=_unjson(r[6]),
         result=_unjson(r[7]), error_type=r[8], error=r[9], owner=r[10],
         lease_until=None if r[11] is None else float(r[11]), cancel_requested=bool(r[12]),
-        created=float(r[13]), updated=float(r[14]),
+        created=float(r[13]), updated=float(r[14]), epoch=int(r[15]),
     )
 
 
@@ -84,10 +84,10 @@ def create_run(em: Emitter, run: RunRow, root: Outgoing) -> tuple[bool, RunRow]:
     ``root`` is the run's start record in the trace (and opens its flow).
     """
     created = em.tx.execute(
-        f"INSERT INTO ip_runs ({RUN_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
+        f"INSERT INTO ip_runs ({RUN_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
         "ON CONFLICT DO NOTHING",
         (run.run_id, run.workflow, run.flow_id, run.parent_run, run.parent_seq, run.status, _json(run.input),
-         None, None, None, run.owner, run.lease_until, 0, run.created, run.created),
+         None, None, None, run.owner, run.lease_until, 0, run.created, run.created, run.epoch),
     ).rowcount
     if not created:
         existing = get_run(em.tx, run.run_id)
@@ -112,19 +112,23 @@ def heartbeat(tx: Tx, owner: str, now: float, lease: float) -> set[str]:
     return {r[0] for r in tx.all("SELECT run_id FROM ip_runs WHERE owner = ? AND status = 'running'", (owner,))}
 
 
-def holds(tx: Tx, run_id: str, owner: str, now: float) -> bool:
-    """Whether ``owner`` still holds the run (and locks it for this transaction).
+Holder = tuple[str, int]
+"""(owner, epoch) of a lease on a run: the fencing token of its writes."""
+
+
+def holds(tx: Tx, run_id: str, holder: Holder, now: float) -> bool:
+    """Whether ``holder`` still holds the run (and locks it for this transaction).
 
     Check it before doing anything in the run's name: every write of a step is fenced.
     """
-    return _fence(tx, run_id, owner, now)
+    return _fence(tx, run_id, holder, now)
 
 
-def _fence(tx: Tx, run_id: str, owner: str, now: float) -> bool:
+def _fence(tx: Tx, run_id: str, holder: Holder, now: float) -> bool:
     return bool(
         tx.execute(
-            "UPDATE ip_runs SET updated = ? WHERE run_id = ? AND owner = ? AND status = 'running'",
-            (now, run_id, owner),
+            "UPDATE ip_runs SET updated = ? WHERE run_id = ? AND owner = ? AND epoch = ? AND status = 'running'",
+            (now, run_id, holder[0], holder[1]),
         ).rowcount
     )
 
@@ -152,7 +156,7 @@ def _spans(tx: Tx, spans: Sequence[SpanRecord]) -> None:
 
 def write_step(
     em: Emitter,
-    owner: str,
+    holder: Holder,
     entry: JournalEntry,
     outgoing: Sequence[Outgoing] = (),
     spans: Sequence[SpanRecord] = (),
@@ -166,7 +170,7 @@ def write_step(
     firing, a timeout) and False is returned if something else finished it first.
     """
     tx = em.tx
-    if not _fence(tx, entry.run_id, owner, em.now):
+    if not _fence(tx, entry.run_id, holder, em.now):
         return False
     if only_if_scheduled:
         changed = tx.execute(
@@ -198,7 +202,7 @@ def record_reply(tx: Tx, run_id: str, seq: int, ok: bool, data: Any, error_type:
 
 
 def register_wait(
-    em: Emitter, owner: str, entry: JournalEntry, flow_id: str, wait_type: str, consumed: Sequence[str]
+    em: Emitter, holder: Holder, entry: JournalEntry, flow_id: str, wait_type: str, consumed: Sequence[str]
 ) -> list[tuple[str, Any]] | None:
     """Journal a wait and subscribe the run to ``wait_type`` in its flow.
 
@@ -208,7 +212,7 @@ def register_wait(
     """
     tx = em.tx
     tx.lock_flow(flow_id, exclusive=True)  # an event emitted concurrently waits, then sees the wait
-    if not _fence(tx, entry.run_id, owner, em.now):
+    if not _fence(tx, entry.run_id, holder, em.now):
         return None
     _upsert(tx, entry)
     tx.execute(
@@ -235,15 +239,15 @@ def register_wait(
 
 
 def finish_run(
-    em: Emitter, run: RunRow, owner: str, status: str, result: Any, error_type: str | None, error: str | None,
+    em: Emitter, run: RunRow, holder: Holder, status: str, result: Any, error_type: str | None, error: str | None,
     span: SpanRecord,
 ) -> bool:
     """End a run: its status and result, its flow's status, and wake a waiting parent."""
     tx = em.tx
     ended = tx.execute(
         "UPDATE ip_runs SET status = ?, result = ?, error_type = ?, error = ?, owner = NULL, lease_until = NULL, "
-        "updated = ? WHERE run_id = ? AND owner = ? AND status = 'running'",
-        (status, _json(result), error_type, error, em.now, run.run_id, owner),
+        "updated = ? WHERE run_id = ? AND owner = ? AND epoch = ? AND status = 'running'",
+        (status, _json(result), error_type, error, em.now, run.run_id, holder[0], holder[1]),
     ).rowcount
     if not ended:
         return False
@@ -298,12 +302,12 @@ def resume_run(tx: Tx, run_id: str, now: float) -> RunRow | None:
     return None
 
 
-def park_run(tx: Tx, run: RunRow, owner: str, error_type: str, error: str, now: float) -> bool:
+def park_run(tx: Tx, run: RunRow, holder: Holder, error_type: str, error: str, now: float) -> bool:
     """Park a run whose replay diverged from its journal (visible, resumable)."""
     parked = tx.execute(
         "UPDATE ip_runs SET status = 'parked', error_type = ?, error = ?, owner = NULL, lease_until = NULL, "
-        "updated = ? WHERE run_id = ? AND owner = ? AND status = 'running'",
-        (error_type, error, now, run.run_id, owner),
+        "updated = ? WHERE run_id = ? AND owner = ? AND epoch = ? AND status = 'running'",
+        (error_type, error, now, run.run_id, holder[0], holder[1]),
     ).rowcount
     if parked:
         park_flow(tx, run, "parked", now)

@@ -1,7 +1,7 @@
 """Instrumentation hooks: how OpenTelemetry, metrics (or your own code) watch a runtime.
 
 An :class:`Observer` gets told what happens - a message published, a handling
-started and ended, a workflow run ended - and can put headers on what a handler
+started and ended, a workflow run started and ended - and can put headers on what a handler
 emits (the W3C ``traceparent`` of its span, so a flow is one trace across processes
 and transports). Every method has a do-nothing default; override what you need.
 Observers must be quick and must not raise (an error is logged and ignored).
@@ -39,6 +39,13 @@ class Observer:
 
         ``queued_for`` is how long the message waited between its creation and the start
         of this handling (queue lag).
+        """
+
+    def run_started(self, run: RunRow) -> None:
+        """A workflow run starts (or resumes) executing here, before it sends anything.
+
+        Called in the context of whoever started it (``rt.start``, a handler, a parent
+        run) or of the orchestrator that claimed it; :meth:`run_ended` follows if it ends here.
         """
 
     def run_ended(self, run: RunRow, status: str, seconds: float) -> None:
@@ -83,6 +90,14 @@ class Instrumentation:
         for obs in self.observers:
             try:
                 obs.handled(span, queued_for)
+            except Exception:
+                log.exception("observer %r failed", obs)
+
+    def run_started(self, run: RunRow) -> None:
+        """See :meth:`Observer.run_started`."""
+        for obs in self.observers:
+            try:
+                obs.run_started(run)
             except Exception:
                 log.exception("observer %r failed", obs)
 

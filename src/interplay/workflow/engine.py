@@ -150,7 +150,7 @@ class Engine(Steps):
             run_id=run_id, workflow=name, flow_id=flow_id or run_id, parent_run=None, parent_seq=None,
             status="running" if own else "pending", input=data, result=None, error_type=None, error=None,
             owner=self.owner if own else None, lease_until=now + self.rt.options.run_lease if own else None,
-            cancel_requested=False, created=now, updated=now,
+            cancel_requested=False, created=now, updated=now, epoch=1 if own else 0,
         )
         root = self._root(run, causation_id=None, source=self.rt.options.source,
                           flow_start=FlowStart(name, kind="workflow", declared=True) if flow_id is None else None)
@@ -181,6 +181,7 @@ class Engine(Steps):
         state = RunState(self, run, spec, journal, cancelled=run.cancel_requested)
         state.finished = self.finished_event(run.run_id)
         self.active[run.run_id] = state
+        self.rt.instrumentation.run_started(run)  # before the run sends anything: its span parents what it sends
         state.task = asyncio.get_running_loop().create_task(self._execute(state), name=f"interplay-run-{run.run_id}")
         # Forget the run when its task ends - also when it was cancelled before it ever
         # started, in which case no code of _execute (not even a finally) runs.
@@ -248,7 +249,7 @@ class Engine(Steps):
         try:
             ok, relay = await self.rt.store.emitting(
                 now, self.rt.delivery_mode,
-                lambda em: ops.finish_run(em, run, self.owner, status, result, error_type, error, span),
+                lambda em: ops.finish_run(em, run, run.holder, status, result, error_type, error, span),
             )
         except StoreError as exc:  # the lease expires; another orchestrator replays and finishes it
             log.warning("run %s: could not record its end (%s); it will be resumed", run.run_id, exc)
@@ -262,7 +263,7 @@ class Engine(Steps):
     async def _park(self, state: RunState, exc: NonDeterminismError) -> None:
         now = self.rt.clock.now()
         await self.rt.store.write(
-            lambda tx: ops.park_run(tx, state.run, self.owner, "NonDeterminismError", str(exc), now)
+            lambda tx: ops.park_run(tx, state.run, state.run.holder, "NonDeterminismError", str(exc), now)
         )
 
     # ------------------------------------------------------------------ leases

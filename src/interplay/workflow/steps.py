@@ -71,9 +71,12 @@ class Steps:
         spans: Sequence[SpanRecord] = (), *, only_if_scheduled: bool = False, clear_wait: bool = False,
     ) -> bool:
         """Journal ``entry`` (fenced by ownership); raises LeaseLost unless ``only_if_scheduled``."""
+        earlier = [t for t in state.background if t is not asyncio.current_task()]
+        if earlier:  # ctx.now() entries go first: a store may commit in parallel
+            await asyncio.gather(*earlier, return_exceptions=True)
         ok, relay = await self.rt.store.emitting(
             self.rt.clock.now(), self.rt.delivery_mode,
-            lambda em: ops.write_step(em, self.owner, entry, outgoing, spans, only_if_scheduled=only_if_scheduled,
+            lambda em: ops.write_step(em, state.run.holder, entry, outgoing, spans, only_if_scheduled=only_if_scheduled,
                                       clear_wait=clear_wait),
         )
         if ok:
@@ -228,7 +231,7 @@ class Steps:
 
         def op(em: Emitter) -> tuple[bool, Any, str | None, str | None]:
             tx = em.tx
-            if not ops.holds(tx, state.run.run_id, self.owner, em.now):
+            if not ops.holds(tx, state.run.run_id, state.run.holder, em.now):
                 return False, None, None, None  # fenced *before* the step's writes: none happen
             tx.execute("SAVEPOINT ip_step")
             try:
@@ -245,7 +248,7 @@ class Steps:
             record = Outgoing(_with_payload(placeholder.message, data), route="", body=b"")
             span = _span(state, record.message, name, started, self._now(), "ok" if failure is None else "failed",
                          None if failure is None else f"{failure[0]}: {failure[1]}")
-            if not ops.write_step(em, self.owner, entry, [record], [span]):
+            if not ops.write_step(em, state.run.holder, entry, [record], [span]):
                 return False, None, None, None
             state.journal[key] = entry
             return True, data, failure and failure[0], failure and failure[1]
@@ -300,7 +303,7 @@ class Steps:
         try:
             found, _ = await self.rt.store.emitting(
                 self._now(), self.rt.delivery_mode,
-                lambda em: ops.register_wait(em, self.owner, registering, state.run.flow_id, wait_type, consumed),
+                lambda em: ops.register_wait(em, state.run.holder, registering, state.run.flow_id, wait_type, consumed),
             )
             if found is None:
                 raise LeaseLost(state.run.run_id)
@@ -402,13 +405,13 @@ class Steps:
             run_id=run_id, workflow=workflow, flow_id=state.run.flow_id, parent_run=state.run.run_id,
             parent_seq=key, status="running", input=data, result=None, error_type=None, error=None,
             owner=self.owner, lease_until=now + self.rt.options.run_lease, cancel_requested=False,
-            created=now, updated=now,
+            created=now, updated=now, epoch=1,
         )
         root = self._root(child, causation_id=state.root_id, source=state.source, flow_start=None)
         entry = self._entry(state, key, "child", workflow, "completed", data={"run_id": run_id})
 
         def op(em: Emitter) -> tuple[bool, RunRow | None]:
-            if not ops.write_step(em, self.owner, entry):
+            if not ops.write_step(em, state.run.holder, entry):
                 return False, None
             return ops.create_run(em, child, root)
 
