@@ -26,7 +26,7 @@ from .payloads import to_json
 from .service import Failure, Handler, Service
 from .stores.messaging import Emitter
 from .stores.records import DeadLetter, Settlement, SpanRecord
-from .transports.base import Delivery, Subscription
+from .transports.base import Delivery, Subscription, route_of
 
 if TYPE_CHECKING:
     from .runtime import Runtime
@@ -303,7 +303,7 @@ class Consumer:
             self.group, msg.id, msg.flow_id, "dead", inbox=True, reply=stored_reply,
             span=self._span(msg, handler, started, outcome, f"{error_type}: {error}", d.deliveries),
             dead=DeadLetter(
-                msg_id=msg.id, group=self.group, route=d.route or "", type=msg.type, flow_id=msg.flow_id,
+                msg_id=msg.id, group=self.group, route=d.route or _route(msg), type=msg.type, flow_id=msg.flow_id,
                 body=d.body, reason=reason, error=f"{error_type}: {error}", attempts=d.deliveries,
             ),
         )
@@ -392,3 +392,11 @@ class Consumer:
         else:
             await self.sub.ack([d])
         return result
+
+
+def _route(msg: Message) -> str:
+    """The route a message was published to, when the transport does not say (store bus)."""
+    try:
+        return route_of(msg)
+    except ValueError:  # a reply without reply_to: it came by no route
+        return ""

@@ -190,9 +190,9 @@ class StoreContract:
 
     async def test_raw_bytes_and_groups(self, store: Store) -> None:
         g = "g-" + tag()
-        await store.enqueue_raw(g, b"\x00\xff not an envelope", T0)
+        await store.enqueue_raw(g, "event.raw", b"\x00\xff not an envelope", T0)
         (row,) = await store.claim(g, 10, T0, 5)
-        assert row.body == b"\x00\xff not an envelope"
+        assert (row.body, row.route) == (b"\x00\xff not an envelope", "event.raw")
         await store.declare_routes(g, ["event.x"], ephemeral=True)
         await store.drop_group(g)
         await store.publish([out(event("x"))], T0, "queue")

@@ -186,7 +186,7 @@ async def test_commits_in_another_process_are_notified(pg_url: str) -> None:
             await s.declare_routes("g-" + tag(), [route])
         await listening.publish([out(event("own"))], T0, "queue")  # our own: the commit listener has it
         await other.publish([out(event("theirs")), out(event("nobody"))], T0, "queue")
-        await other.enqueue_raw("solo", b"raw", T0)
+        await other.enqueue_raw("solo", "event.solo", b"raw", T0)
         await wait_until(lambda: {"@solo"} in heard, timeout=5, message="notifications")
         assert heard == [{"event.theirs"}, {"@solo"}]  # in commit order; none for our own commit
     finally:

@@ -14,7 +14,7 @@ from interplay.message import Message
 from interplay.stores.records import Outgoing
 from interplay.testing import wait_until
 
-from ..buses import Bus, xfail_on
+from ..buses import Bus
 from .apps import Order, order_app
 
 ROUTE = "event.order.created"
@@ -89,10 +89,6 @@ async def test_garbage_bytes_go_to_dlq_and_the_consumer_keeps_going(bus: Bus) ->
     assert calls == Counter(payments=1, shipping=1, notification=1)
 
 
-@xfail_on("store", reason=(
-    "library bug: the store bus dead-letters without the route: StoreBus.publish_to_group drops it "
-    "(ip_queue has no route column) and dispatch does not fall back to the envelope's route_of(msg)"
-))
 async def test_dead_letters_keep_the_route_they_came_by(bus: Bus) -> None:
     calls: Counter[str] = Counter()
     async with bus.run(order_app(calls)) as rt:
@@ -181,10 +177,6 @@ async def test_a_message_published_again_runs_the_handler_once(bus: Bus) -> None
     assert pending == [(0,), (0,)]  # no copy left a count behind, nor was a dropped one waited for
 
 
-@xfail_on("store", reason=(
-    "library bug: StoreBus.publish_to_group (messaging.enqueue_raw) queues a row without counting it "
-    "in the flow's pending, but the store bus settles every row against it: the flow goes negative"
-))
 async def test_redeliveries_straight_to_the_group_run_the_handler_once(bus: Bus) -> None:
     calls: Counter[str] = Counter()
     order_id = "0190f000-0000-7000-8000-000000000001"

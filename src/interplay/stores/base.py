@@ -452,9 +452,9 @@ class Store(ABC):
         """Commit the outcome of one handling (see :func:`messaging.settle`)."""
         return await self.write(lambda tx: messaging.settle(tx, settlement, now, delivery))
 
-    async def enqueue_raw(self, group: str, body: bytes, now: float) -> None:
-        """Queue raw bytes for one group (store bus)."""
-        await self.write(lambda tx: messaging.enqueue_raw(tx, group, body, now))
+    async def enqueue_raw(self, group: str, route: str, body: bytes, now: float) -> None:
+        """Queue raw bytes for one group (store bus), as if they came by ``route``."""
+        await self.write(lambda tx: messaging.enqueue_raw(tx, group, route, body, now))
 
     async def extend_leases(self, rows: Sequence[tuple[int, str]], until: float) -> int:
         """Keep queue rows leased while their handler is still running."""

@@ -41,8 +41,8 @@ _INSERT_MESSAGE = (
     "VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING"
 )
 _FAN_OUT = (
-    "INSERT INTO ip_queue (grp, msg_id, flow_id, body, visible_at) "
-    "SELECT grp, ?, ?, ?, ? FROM ip_routes WHERE route = ?"
+    "INSERT INTO ip_queue (grp, msg_id, flow_id, body, visible_at, route) "
+    "SELECT grp, ?, ?, ?, ?, route FROM ip_routes WHERE route = ?"
 )
 
 
@@ -331,6 +331,7 @@ def claim(tx: Tx, claim_sql: str, group: str, limit: int, now: float, lease_for:
             lease=lease,
             body=bytes(r[2]),
             deliveries=int(r[3]),
+            route=r[4],
             duplicate=r[1] in seen,
             reply=None if seen.get(r[1]) is None else bytes(seen[r[1]]),
         )
@@ -338,7 +339,7 @@ def claim(tx: Tx, claim_sql: str, group: str, limit: int, now: float, lease_for:
     ]
 
 
-def enqueue_raw(tx: Tx, group: str, body: bytes, now: float) -> None:
+def enqueue_raw(tx: Tx, group: str, route: str, body: bytes, now: float) -> None:
     """Queue bytes for one group as they are (they may not even be an envelope)."""
     try:
         envelope = orjson.loads(body)
@@ -346,10 +347,13 @@ def enqueue_raw(tx: Tx, group: str, body: bytes, now: float) -> None:
     except Exception:  # not an envelope: the consumer will dead-letter it
         msg_id = flow_id = ""
     tx.execute(
-        "INSERT INTO ip_queue (grp, msg_id, flow_id, body, visible_at) VALUES (?, ?, ?, ?, ?)",
-        (group, msg_id, flow_id, body, now),
+        "INSERT INTO ip_queue (grp, msg_id, flow_id, body, visible_at, route) VALUES (?, ?, ?, ?, ?, ?)",
+        (group, msg_id, flow_id, body, now, route),
     )
     tx.routes.add("@" + group)
+    changes = FlowChanges()  # the store bus settles every queue row against its flow
+    changes.add(flow_id, pending=1)
+    changes.apply(tx, now)
 
 
 def extend_leases(tx: Tx, rows: Sequence[tuple[int, str]], until: float) -> int:
@@ -420,8 +424,8 @@ def dlq_replay(tx: Tx, ids: Sequence[int], now: float, requeue: bool) -> list[De
         tx.execute("DELETE FROM ip_inbox WHERE grp = ? AND msg_id = ?", (d.group, d.msg_id))
         if requeue:
             tx.execute(
-                "INSERT INTO ip_queue (grp, msg_id, flow_id, body, visible_at) VALUES (?, ?, ?, ?, ?)",
-                (d.group, d.msg_id, d.flow_id or d.msg_id, d.body, now),
+                "INSERT INTO ip_queue (grp, msg_id, flow_id, body, visible_at, route) VALUES (?, ?, ?, ?, ?, ?)",
+                (d.group, d.msg_id, d.flow_id or d.msg_id, d.body, now, d.route),
             )
             tx.routes.add("@" + d.group)
         changes.add(d.flow_id, pending=1, dead=-1)

@@ -104,7 +104,7 @@ class PostgresStore(Store):
     CLAIM_SQL = (
         "UPDATE ip_queue SET visible_at = ?, lease = ?, deliveries = deliveries + 1 "
         "WHERE id IN (SELECT id FROM ip_queue WHERE grp = ? AND visible_at <= ? "
-        "ORDER BY visible_at, id LIMIT ? FOR UPDATE SKIP LOCKED) RETURNING id, msg_id, body, deliveries"
+        "ORDER BY visible_at, id LIMIT ? FOR UPDATE SKIP LOCKED) RETURNING id, msg_id, body, deliveries, route"
     )
 
     CLAIM_RUNS_SQL = (

@@ -140,6 +140,7 @@ class ClaimedRow:
     lease: str
     body: bytes
     deliveries: int
+    route: str | None = None
     duplicate: bool = False
     reply: bytes | None = None
 

@@ -7,7 +7,7 @@ another style. Bump ``SCHEMA_VERSION`` and append to ``MIGRATIONS`` to change it
 
 from __future__ import annotations
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 MIGRATIONS: dict[int, list[str]] = {
     1: [
@@ -82,6 +82,11 @@ MIGRATIONS: dict[int, list[str]] = {
     # has writes in flight.
     3: [
         "ALTER TABLE ip_runs ADD COLUMN epoch INTEGER NOT NULL DEFAULT 0",
+    ],
+    # The route a queue row came by: a message that is not even an envelope is
+    # dead-lettered with it (and replayed by it on a broker).
+    4: [
+        "ALTER TABLE ip_queue ADD COLUMN route TEXT",
     ],
 }
 

@@ -117,7 +117,7 @@ class StoreBus(Transport):
 
     async def publish_to_group(self, group: str, route: str, body: bytes) -> None:
         """Queue raw bytes for one group only (tools, tests; DLQ replay has its own op)."""
-        await self.store.enqueue_raw(group, body, self._clock.now())
+        await self.store.enqueue_raw(group, route, body, self._clock.now())
 
     async def drop_group(self, group: str) -> None:
         """Delete a temporary group's routes and rows."""
@@ -228,7 +228,8 @@ class _ClaimRequest:
 def _deliveries(rows: list[ClaimedRow]) -> list[Delivery]:
     return [
         Delivery.from_bytes(
-            r.body, r.deliveries, queue_id=r.queue_id, lease=r.lease, duplicate=r.duplicate, stored_reply=r.reply,
+            r.body, r.deliveries, route=r.route, queue_id=r.queue_id, lease=r.lease, duplicate=r.duplicate,
+            stored_reply=r.reply,
         )
         for r in rows
     ]
