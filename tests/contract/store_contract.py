@@ -38,7 +38,7 @@ from interplay.transports.base import reply_route
 
 T0 = 1_700_000_000.0
 TABLES = ("ip_meta", "ip_routes", "ip_queue", "ip_inbox", "ip_outbox", "ip_dlq", "ip_messages", "ip_spans",
-          "ip_flows", "ip_runs", "ip_journal", "ip_waits")
+          "ip_flows", "ip_runs", "ip_journal", "ip_waits", "ip_leases")
 Connect = Callable[[], Awaitable[Store]]
 # Strings that broke SQL layers before: quotes, comment starters, placeholder look-alikes
 # of every driver, backslashes, NUL, characters outside the BMP.

@@ -486,6 +486,7 @@ def purge(tx: Tx, inbox_before: float, traces_before: float) -> dict[str, int]:
         counts[table] = tx.execute(
             f"DELETE FROM {table} WHERE flow_id IN ({old})", (traces_before,)
         ).rowcount
+    counts["leases"] = tx.execute("DELETE FROM ip_leases WHERE lease_until < ?", (inbox_before,)).rowcount
     counts["flows"] = tx.execute(
         "DELETE FROM ip_flows WHERE updated < ? AND (status <> 'running' OR pending <= 0)", (traces_before,)
     ).rowcount

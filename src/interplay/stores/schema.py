@@ -7,7 +7,7 @@ another style. Bump ``SCHEMA_VERSION`` and append to ``MIGRATIONS`` to change it
 
 from __future__ import annotations
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 
 MIGRATIONS: dict[int, list[str]] = {
     1: [
@@ -87,6 +87,13 @@ MIGRATIONS: dict[int, list[str]] = {
     # dead-lettered with it (and replayed by it on a broker).
     4: [
         "ALTER TABLE ip_queue ADD COLUMN route TEXT",
+    ],
+    # Leases per orchestrator, not per run: a heartbeat writes one row, instead of
+    # every run it holds (which on PostgreSQL row-locked against the steps' fences).
+    # A run is claimable when its owner's lease lapsed; ip_runs.lease_until is now
+    # only the lease its last claim got.
+    5: [
+        "CREATE TABLE IF NOT EXISTS ip_leases (owner TEXT PRIMARY KEY, lease_until {real} NOT NULL){no_rowid}",
     ],
 }
 

@@ -30,6 +30,7 @@ __all__ = [
     "load_journal",
     "record_reply",
     "register_wait",
+    "release",
     "request_cancel",
     "resume_run",
     "write_step",
@@ -97,19 +98,31 @@ def create_run(em: Emitter, run: RunRow, root: Outgoing) -> tuple[bool, RunRow]:
     return True, run
 
 
+def _renew(tx: Tx, owner: str, until: float) -> None:
+    tx.execute(
+        "INSERT INTO ip_leases (owner, lease_until) VALUES (?, ?) "
+        "ON CONFLICT (owner) DO UPDATE SET lease_until = excluded.lease_until",
+        (owner, until),
+    )
+
+
 def claim_runs(tx: Tx, claim_sql: str, owner: str, limit: int, now: float, lease: float) -> list[RunRow]:
-    """Take over runs nobody owns (new, or whose owner stopped heartbeating)."""
+    """Take over runs nobody owns (new, or whose owner's lease lapsed)."""
+    _renew(tx, owner, now + lease)  # what we claim is ours only while our lease holds
     rows = tx.all(claim_sql, (owner, now + lease, now, now, limit))
     return [run_row(r) for r in rows]
 
 
 def heartbeat(tx: Tx, owner: str, now: float, lease: float) -> set[str]:
-    """Extend the lease on every run this owner holds; returns their ids."""
-    tx.execute(
-        "UPDATE ip_runs SET lease_until = ? WHERE owner = ? AND status IN ('pending', 'running')",
-        (now + lease, owner),
-    )
+    """Extend this owner's lease (one row, whatever it holds); returns the runs it holds."""
+    _renew(tx, owner, now + lease)
     return {r[0] for r in tx.all("SELECT run_id FROM ip_runs WHERE owner = ? AND status = 'running'", (owner,))}
+
+
+def release(tx: Tx, owner: str) -> None:
+    """An orchestrator leaving: its runs are claimable at once, its lease is gone."""
+    tx.execute("UPDATE ip_runs SET owner = NULL, lease_until = NULL WHERE owner = ? AND status = 'running'", (owner,))
+    tx.execute("DELETE FROM ip_leases WHERE owner = ?", (owner,))
 
 
 Holder = tuple[str, int]

@@ -101,6 +101,8 @@ class Engine(Steps):
     # ------------------------------------------------------------------ lifecycle
     async def start(self) -> None:
         """Start claiming and heartbeating runs."""
+        # Our lease first: a run we create or claim is ours only while it holds.
+        await self.rt.store.heartbeat_runs(self.owner, self.rt.clock.now(), self.rt.options.run_lease)
         self.running = True
         loop = asyncio.get_running_loop()
         self._loops = [
@@ -119,12 +121,7 @@ class Engine(Steps):
         await asyncio.gather(*self._loops, *tasks, return_exceptions=True)
         if self.running:
             try:
-                await self.rt.store.write(
-                    lambda tx: tx.execute(
-                        "UPDATE ip_runs SET owner = NULL, lease_until = NULL WHERE owner = ? AND status = 'running'",
-                        (self.owner,),
-                    )
-                )
+                await self.rt.store.write(lambda tx: ops.release(tx, self.owner))
             except StoreError as exc:  # the leases expire by themselves
                 log.warning("could not release runs on shutdown: %s", exc)
         self.running = False
