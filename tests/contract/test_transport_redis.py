@@ -78,6 +78,32 @@ async def test_url_maps_to_the_redis_transport_and_keeps_redis_options(prefix: s
     assert (t.prefix, t.options.trim_interval, t.options.socket_timeout) == (prefix, 7.0, 3.0)
     assert "prefix" not in t.options.redis_url
     assert "socket_timeout=3" in t.options.redis_url
+    assert "socket_connect_timeout=5" in t.options.redis_url
+
+
+async def test_a_server_that_goes_quiet_cannot_hang_a_command() -> None:
+    """A half-open connection (accepted, never answered) ends in TransportError, not a hang."""
+    default = open_transport(REDIS, store=None)  # type: ignore[arg-type]
+    assert isinstance(default, RedisTransport)
+    assert "socket_timeout=5" in default.options.redis_url  # redis-py's own default is no timeout
+
+    accepted: list[asyncio.StreamWriter] = []
+
+    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        accepted.append(writer)  # accept, never answer
+
+    server = await asyncio.start_server(silent, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        quiet = open_transport(f"redis://127.0.0.1:{port}/0?socket_timeout=0.1&socket_connect_timeout=0.1", store=None)  # type: ignore[arg-type]
+        with pytest.raises(TransportError, match="connect failed"):
+            await asyncio.wait_for(quiet.open(SystemClock()), 30)
+        assert accepted  # it did reach the silent server
+    finally:
+        server.close()
+        for writer in accepted:
+            writer.close()
+        await server.wait_closed()
 
 
 async def test_stream_per_route_and_group_per_service(bus: RedisTransport, prefix: str) -> None:

@@ -156,7 +156,7 @@ async def test_redis_restart_mid_run_loses_nothing_and_duplicates_nothing(
                 # A deliberate fault length (not a wait for a condition): a few seconds down.
                 await asyncio.sleep(max(0.0, 3.0 - (asyncio.get_running_loop().time() - outage)))
                 await server.start()
-                await publishing
+                await asyncio.wait_for(publishing, 60)  # publishes ride out the outage, never hang
             finally:
                 publishing.cancel()
             assert await server.run_id() != first_run  # it really was a new server process

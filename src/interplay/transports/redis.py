@@ -46,6 +46,8 @@ stream no other group reads; a crashed process leaves its (small) reply stream b
 
 URL: ``redis://[user:password@]host:port/db?prefix=ip:&trim_interval=30``, plus
 redis-py's own options (``socket_timeout``, ``health_check_interval``, ...).
+``socket_timeout`` and ``socket_connect_timeout`` default to 5 seconds, so no command
+waits forever on a connection that went quiet; blocking reads stay below the first.
 
 Durability depends on the server: run it with ``appendonly yes`` and ``appendfsync
 always`` (a warning is logged otherwise). Commands are retried a few times over a
@@ -263,9 +265,13 @@ def _parse_url(url: str) -> _Options:
             ours[key] = value
         else:
             rest.append((key, value))
+    # No redis-py command may wait forever on a connection that went quiet (a half-open
+    # socket after a server or network failure): both timeouts default to 5 s.
+    given = {key for key, _ in rest}
+    rest += [(key, "5") for key in ("socket_timeout", "socket_connect_timeout") if key not in given]
     try:
         trim = float(ours.get("trim_interval", 30.0))
-        timeout = float(dict(rest).get("socket_timeout", 5.0))
+        timeout = float(dict(rest)["socket_timeout"])
     except ValueError as exc:
         raise ConfigurationError(f"bad option in bus URL {url!r}: {exc}") from None
     return _Options(urlunsplit(parts._replace(query=urlencode(rest))), ours.get("prefix", "ip:"), trim, timeout)
@@ -358,15 +364,21 @@ class RedisTransport(Transport):
         self._redis = Redis.from_url(
             self.options.redis_url,
             # A few quick retries ride out a dropped connection or a restart in progress;
-            # longer outages surface as TransportError and the runtime retries.
-            retry=Retry(ExponentialWithJitterBackoff(cap=0.5, base=0.05), 4),
+            # longer outages surface as TransportError and the runtime retries. redis-py
+            # applies this at two levels (connect, then command): 2 makes 9 tries at most.
+            retry=Retry(ExponentialWithJitterBackoff(cap=0.5, base=0.05), 2),
             health_check_interval=15,
         )
         for name, source in (("poll", _POLL), ("move", _MOVE), ("nack", _NACK), ("extend", _EXTEND),
                              ("release", _RELEASE), ("trim", _TRIM), ("drop", _DROP)):
             self._scripts[name] = self._redis.register_script(source)
-        with _translated("connect"):
-            await self._redis.ping()
+        try:
+            with _translated("connect"):
+                await self._redis.ping()
+        except TransportError:
+            await self._redis.aclose()
+            self._redis = None
+            raise
         try:
             config = {_text(k): _text(v) for k, v in (await self._redis.config_get("append*")).items()}
             if config.get("appendonly") != "yes" or config.get("appendfsync") != "always":
