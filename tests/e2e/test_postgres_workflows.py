@@ -45,3 +45,21 @@ async def test_a_workflow_waiting_for_another_runtimes_event_is_always_woken(pg_
         results = await asyncio.gather(*(h.result(timeout=15) for h in handles), return_exceptions=True)
         stuck = [h.id for h, r in zip(handles, results, strict=True) if isinstance(r, BaseException)]
         assert stuck == [], f"{len(stuck)} of 30 runs never saw delivery.confirmed"
+
+
+async def test_runs_started_elsewhere_are_claimed_and_awaited_without_polling(pg_url: str) -> None:
+    """NOTIFY wakes an orchestrator for a new run, and a remote ``result()`` when it ends.
+
+    Both polls are set far beyond the test's timeouts: only the notifications can make
+    these runs finish in time.
+    """
+    slow_polls = {"run_poll": 60.0}
+    async with (
+        app.run(store=pg_url, **slow_polls) as orchestrator,
+        app.run(store=pg_url, orchestrator=False, services=[], **slow_polls) as client,
+    ):
+        await orchestrator.start("process_order", Order(id=0, amount=5))  # warm up: services up, claim loop idle
+        await asyncio.sleep(0.2)
+        handles = [await client.start("process_order", Order(id=i, amount=5)) for i in range(1, 11)]
+        results = await asyncio.gather(*(h.result(timeout=5) for h in handles))
+        assert results == [f"order {i} shipped" for i in range(1, 11)]

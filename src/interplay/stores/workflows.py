@@ -79,6 +79,12 @@ def get_run(tx: Tx, run_id: str) -> RunRow | None:
     return None if row is None else run_row(row)
 
 
+RUNS_READY = "!runs"
+"""A pseudo-route in ``Tx.routes``: runs became claimable (PostgreSQL notifies it)."""
+RUNS_ENDED = "!ended"
+"""A pseudo-route in ``Tx.routes``: runs ended or parked (wakes remote ``result()`` waiters)."""
+
+
 def create_run(em: Emitter, run: RunRow, root: Outgoing) -> tuple[bool, RunRow]:
     """Insert a run unless one with its id exists; returns (created, the run).
 
@@ -95,6 +101,8 @@ def create_run(em: Emitter, run: RunRow, root: Outgoing) -> tuple[bool, RunRow]:
         assert existing is not None
         return False, existing
     em.emit([root])
+    if run.owner is None:
+        em.tx.routes.add(RUNS_READY)
     return True, run
 
 
@@ -121,7 +129,10 @@ def heartbeat(tx: Tx, owner: str, now: float, lease: float) -> set[str]:
 
 def release(tx: Tx, owner: str) -> None:
     """An orchestrator leaving: its runs are claimable at once, its lease is gone."""
-    tx.execute("UPDATE ip_runs SET owner = NULL, lease_until = NULL WHERE owner = ? AND status = 'running'", (owner,))
+    if tx.execute(
+        "UPDATE ip_runs SET owner = NULL, lease_until = NULL WHERE owner = ? AND status = 'running'", (owner,)
+    ).rowcount:
+        tx.routes.add(RUNS_READY)
     tx.execute("DELETE FROM ip_leases WHERE owner = ?", (owner,))
 
 
@@ -264,6 +275,7 @@ def finish_run(
     ).rowcount
     if not ended:
         return False
+    tx.routes.add(RUNS_ENDED)
     tx.execute("DELETE FROM ip_waits WHERE run_id = ?", (run.run_id,))
     if run.flow_id == run.run_id:  # the run opened this flow: the flow ends with it
         tx.execute(
@@ -311,6 +323,7 @@ def resume_run(tx: Tx, run_id: str, now: float) -> RunRow | None:
     run = get_run(tx, run_id)
     if changed and run is not None:
         park_flow(tx, run, "running", now)
+        tx.routes.add(RUNS_READY)
         return run
     return None
 
@@ -324,6 +337,7 @@ def park_run(tx: Tx, run: RunRow, holder: Holder, error_type: str, error: str, n
     ).rowcount
     if parked:
         park_flow(tx, run, "parked", now)
+        tx.routes.add(RUNS_ENDED)
     return bool(parked)
 
 

@@ -15,6 +15,7 @@ The step primitives (call, step, emit, wait, sleep, child) live in ``steps.py``.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from dataclasses import dataclass, field
 from functools import partial
@@ -97,6 +98,8 @@ class Engine(Steps):
         self._claiming: set[str] = set()
         self._watched: dict[str, asyncio.Event] = {}
         self._watcher: asyncio.Task[None] | None = None
+        self._watch_wake = asyncio.Event()
+        self._listening = False
 
     # ------------------------------------------------------------------ lifecycle
     async def start(self) -> None:
@@ -104,6 +107,7 @@ class Engine(Steps):
         # Our lease first: a run we create or claim is ours only while it holds.
         await self.rt.store.heartbeat_runs(self.owner, self.rt.clock.now(), self.rt.options.run_lease)
         self.running = True
+        await self._listen()
         loop = asyncio.get_running_loop()
         self._loops = [
             loop.create_task(self._claim_loop(), name="interplay-claim-runs"),
@@ -125,6 +129,27 @@ class Engine(Steps):
             except StoreError as exc:  # the leases expire by themselves
                 log.warning("could not release runs on shutdown: %s", exc)
         self.running = False
+
+    async def _listen(self) -> None:
+        """Where the store notifies other processes' commits (PostgreSQL), hear about runs.
+
+        Runs that became claimable wake the claim loop, runs that ended wake the watch
+        loop, so neither waits for its next poll; the polls stay as the fallback.
+        """
+        listen = getattr(self.rt.store, "listen_for_queued", None)
+        if self._listening or listen is None:
+            return
+        try:
+            await listen(self._heard)
+            self._listening = True
+        except StoreError as exc:
+            log.warning("cannot listen for workflow runs (polling instead): %s", exc)
+
+    def _heard(self, routes: set[str]) -> None:
+        if ops.RUNS_READY in routes:
+            self._wake.set()
+        if ops.RUNS_ENDED in routes:
+            self._watch_wake.set()
 
     # ------------------------------------------------------------------ starting runs
     async def start_run(
@@ -321,13 +346,16 @@ class Engine(Steps):
         ids = sorted(run_ids)
         marks = ", ".join("?" * len(ids))
         try:
-            await self.rt.store.write(
-                lambda tx: tx.execute(
+
+            def release(tx: Tx) -> None:
+                tx.execute(
                     "UPDATE ip_runs SET owner = NULL, lease_until = NULL "
                     f"WHERE owner = ? AND status = 'running' AND run_id IN ({marks})",
                     (self.owner, *ids),
                 )
-            )
+                tx.routes.add(ops.RUNS_READY)
+
+            await self.rt.store.write(release)
         except StoreError as exc:  # the lease lapses by itself
             log.warning("could not release runs: %s", exc)
 
@@ -369,6 +397,7 @@ class Engine(Steps):
                 watched = self._watched[run_id] = asyncio.Event()
             event = watched
             if self._watcher is None or self._watcher.done():
+                await self._listen()
                 self._watcher = asyncio.get_running_loop().create_task(self._watch_loop(), name="interplay-watch")
         try:
             await asyncio.wait_for(event.wait(), timeout)
@@ -379,7 +408,9 @@ class Engine(Steps):
         """One query for all runs awaited here but executed elsewhere, instead of one each."""
         pause = 0.005
         while self._watched:
-            await asyncio.sleep(pause)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._watch_wake.wait(), pause)
+            self._watch_wake.clear()
             ids = list(self._watched)
             ended: set[str] = set()
             try:
@@ -396,7 +427,8 @@ class Engine(Steps):
                 event = self._watched.pop(run_id, None)
                 if event is not None:
                     event.set()
-            pause = 0.005 if ended else min(pause * 2, 0.1)
+            # Notified of ends (PostgreSQL), the poll is only a fallback.
+            pause = 0.005 if ended else min(pause * 2, 1.0 if self._listening else 0.1)
 
     def active_state(self, run_id: str | None) -> RunState | None:
         """The state of a run executing here."""
