@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from functools import partial
 from typing import TYPE_CHECKING, Any
@@ -41,6 +43,8 @@ __all__ = ["Engine", "RunState"]
 log = logging.getLogger("interplay.workflow")
 
 CLAIM_BITE = 200
+ENDED_KEPT = 10_000
+"""Records of runs that ended here kept for ``result()`` (the oldest are read from the store)."""
 """Runs claimed per round by an orchestrator."""
 
 @dataclass(eq=False)
@@ -95,6 +99,7 @@ class Engine(Steps):
         self._wake = asyncio.Event()
         self._loops: list[asyncio.Task[None]] = []
         self._finished: dict[str, asyncio.Event] = {}
+        self._ended: OrderedDict[str, RunRow] = OrderedDict()  # runs that ended here, as stored
         self._claiming: set[str] = set()
         self._watched: dict[str, asyncio.Event] = {}
         self._watcher: asyncio.Task[None] | None = None
@@ -218,6 +223,10 @@ class Engine(Steps):
         if event is not None:
             event.set()
 
+    def ended_here(self, run_id: str) -> RunRow | None:
+        """The stored record of a run that ended in this orchestrator lately (None otherwise)."""
+        return self._ended.get(run_id)
+
     def finished_event(self, run_id: str) -> asyncio.Event:
         """Set when a run held here finishes (or leaves this orchestrator)."""
         event = self._finished.get(run_id)
@@ -279,6 +288,13 @@ class Engine(Steps):
         if not ok:
             log.info("run %s ended here but another orchestrator owns it now", run.run_id)
             return
+        # What the commit stored, so that result() here needs no read of it.
+        self._ended[run.run_id] = dataclasses.replace(
+            run, status=status, result=result, error_type=error_type, error=error, owner=None, lease_until=None,
+            updated=now,
+        )
+        while len(self._ended) > ENDED_KEPT:
+            self._ended.popitem(last=False)
         self.rt.instrumentation.run_ended(run, status, now - run.created)
         await self.rt.relay(relay)
 

@@ -55,13 +55,18 @@ class WorkflowHandle:
         """
         loop = asyncio.get_running_loop()
         deadline = None if timeout is None else loop.time() + timeout
+        engine = self._rt.engine
         while True:
-            row = await self.run()
-            if row.status in ENDED:
+            # Ended or executing here: known without asking the store.
+            row = engine.ended_here(self.id)
+            if row is None and engine.active_state(self.id) is None:
+                row = await self.run()
+            if row is not None and row.status in ENDED:
                 return self._outcome(row)
+            status = "running" if row is None else row.status
             remaining = None if deadline is None else deadline - loop.time()
             if remaining is not None and remaining <= 0:
-                raise TimeoutError(f"workflow run {self.id} still {row.status} after {timeout}s")
+                raise TimeoutError(f"workflow run {self.id} still {status} after {timeout}s")
             # Executing here: woken the moment it ends; elsewhere: by the runtime's one
             # watcher, which asks the store about every awaited run at once.
             await self._rt.engine.watch(self.id, remaining)
