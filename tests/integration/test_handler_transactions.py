@@ -4,68 +4,39 @@ from __future__ import annotations
 
 import asyncio
 from collections import Counter
-from typing import Any
 
 import pytest
 
-from interplay import App, Context, Retry, Transaction
-
 from ..buses import Bus
+from .ledger import create_ledger, ledger, ledger_app
 
 # The rows are the store's business; how each bus delivers duplicates is test_choreography's.
 pytestmark = pytest.mark.buses("store", "memory")
-
-
-def ledger_app(runs: Counter[str], fail: dict[str, int]) -> App:
-    app = App("ledger")
-
-    def book(tx: Transaction, order_id: int, amount: float) -> None:
-        if fail.get("left", 0) > 0:
-            fail["left"] -= 1
-            tx.execute("INSERT INTO ledger (order_id, amount) VALUES (?, ?)", (order_id, amount))
-            raise ValueError("ledger locked")  # after writing: the write must be undone too
-        tx.execute("INSERT INTO ledger (order_id, amount) VALUES (?, ?)", (order_id, amount))
-
-    @app.service("accounts").on("order.paid", emits="order.booked", retry=Retry(attempts=3, backoff=0.01))
-    async def record(order: dict[str, Any], ctx: Context) -> dict[str, Any]:
-        runs["record"] += 1
-        ctx.transaction(book, order["id"], order["amount"])
-        return order
-
-    return app
-
-
-async def _ledger(rt: Any) -> list[tuple[int, float]]:
-    return list(await rt.store.read(lambda tx: tx.all("SELECT order_id, amount FROM ledger ORDER BY order_id")))
-
-
-async def _create_ledger(rt: Any) -> None:
-    await rt.store.write(lambda tx: tx.execute("CREATE TABLE IF NOT EXISTS ledger (order_id INTEGER, amount REAL)"))
 
 
 async def test_rows_written_once_under_duplicate_delivery(bus: Bus) -> None:
     runs: Counter[str] = Counter()
     app = ledger_app(runs, {})
     async with bus.run(app) as rt:
-        await _create_ledger(rt)
+        await create_ledger(rt)
         same = "0190f000-0000-7000-8000-00000000000a"
         await asyncio.gather(*(rt.publish("order.paid", {"id": 1, "amount": 9.5}, id=same) for _ in range(4)))
         await rt.settled()
         await rt.publish("order.paid", {"id": 1, "amount": 9.5}, id=same)  # and again later
         await rt.publish("order.paid", {"id": 2, "amount": 3.0})
         await rt.settled()
-        assert await _ledger(rt) == [(1, 9.5), (2, 3.0)]
+        assert await ledger(rt) == [(1, 9.5), (2, 3.0)]
 
 
 async def test_a_failing_transaction_undoes_the_handling_and_retries(bus: Bus) -> None:
     runs: Counter[str] = Counter()
     app = ledger_app(runs, {"left": 2})
     async with bus.run(app) as rt:
-        await _create_ledger(rt)
+        await create_ledger(rt)
         flow_id = await rt.publish("order.paid", {"id": 7, "amount": 1.0})
         await rt.settled()
         flow = await rt.trace(flow_id)
-        assert await _ledger(rt) == [(7, 1.0)]  # the two failed attempts left nothing behind
+        assert await ledger(rt) == [(7, 1.0)]  # the two failed attempts left nothing behind
     assert runs["record"] == 3
     assert [s.outcome for s in flow.roots[0].spans] == ["retry", "retry", "ok"]
     assert "ValueError: ledger locked" in (flow.roots[0].spans[0].error or "")
@@ -76,10 +47,10 @@ async def test_a_transaction_that_always_fails_dead_letters(sqlite_url: str) -> 
     runs: Counter[str] = Counter()
     app = ledger_app(runs, {"left": 99})
     async with app.run(store=sqlite_url) as rt:
-        await _create_ledger(rt)
+        await create_ledger(rt)
         await rt.publish("order.paid", {"id": 8, "amount": 1.0})
         await rt.settled()
         (dead,) = await rt.dlq()
-        assert await _ledger(rt) == []
+        assert await ledger(rt) == []
     assert (dead.reason, dead.attempts) == ("retries_exhausted", 3)
     assert dead.error == "ValueError: ledger locked"
