@@ -37,6 +37,8 @@ pytest: $(VENV)/.dev
 bench: $(VENV)/.dev
 	$(PIP) -e '.[bench]'
 	$(PY) benchmarks/choreography.py
+	$(PY) benchmarks/orchestration.py
+	$(PY) benchmarks/brokers.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
