@@ -21,6 +21,7 @@ from .commands import reply_result
 from .dispatch import Consumer
 from .errors import ConfigurationError, NotFound, StepTimeout, StoreError, TransportError
 from .message import Message, new_id
+from .outbox import OutboxRelay
 from .payloads import to_json
 from .replies import ReplyInbox
 from .service import check_name
@@ -69,9 +70,14 @@ class RuntimeOptions:
     purge_interval: float = 600.0
     """Seconds between retention sweeps."""
     outbox_relay_interval: float = 1.0
-    """Seconds between sweeps for outbox rows left behind (broker buses only)."""
+    """Seconds between sweeps for outbox rows left behind (broker buses only); also the
+    first pause before a row whose relay failed is tried again."""
     outbox_grace: float = 5.0
-    """Outbox rows younger than this are left to the process that wrote them."""
+    """Outbox rows younger than this are left to the process that wrote them; a row a
+    relay sweep took is left to that sweep for as long (then another process may take it)."""
+    outbox_retry_max: float = 60.0
+    """Longest pause before an outbox row the bus refused is tried again (the pause
+    doubles from ``outbox_relay_interval`` with each failed attempt)."""
     source: str = "client"
     """The ``source`` of messages published through ``rt.publish``."""
     run_lease: float = 5.0
@@ -277,23 +283,15 @@ class Runtime:
             self.store.outbox_done(outbox_ids)
 
     async def _relay_loop(self) -> None:
-        from .message import Message as _M
-
+        # Every process sweeps; a sweep claims the rows it relays (see interplay.outbox).
+        relay = OutboxRelay(self)
         while True:
             await asyncio.sleep(self.options.outbox_relay_interval)
             try:
-                rows = await self.store.outbox_pending(self.clock.now() - self.options.outbox_grace)
-                if not rows:
-                    continue
-                batch = []
-                for _, route, body in rows:
-                    msg = _M.decode(body)
-                    batch.append(Outgoing(message=msg, route=route, body=body))
-                await self.transport.publish(batch)
-                self.store.outbox_done([row[0] for row in rows])
-                log.info("relayed %d message(s) left in the outbox", len(rows))
-            except (TransportError, StoreError) as exc:
-                log.warning("outbox relay failed: %s", exc)
+                await relay.sweep()
+            except Exception as exc:  # the relay must outlive a bad moment of the store or bus
+                expected = isinstance(exc, StoreError | TransportError)
+                log.warning("outbox relay failed: %s", exc, exc_info=not expected)
 
     async def _purge_loop(self) -> None:
         while True:

@@ -27,6 +27,7 @@ from interplay.stores.records import (
     DeadLetter,
     FlowStart,
     JournalEntry,
+    OutboxRow,
     Outgoing,
     RunRow,
     Settlement,
@@ -360,6 +361,51 @@ class StoreContract:
         store.outbox_done([ids[0], ids[1]])  # in the next transaction, not awaited
         await store.write(lambda tx: None)  # writes commit in order: this one is after it
         assert [r[0] for r in await store.outbox_pending(T0 + 1)] == [ids[2]]
+
+    async def test_outbox_rows_are_claimed_by_one_relay_and_retried_later(self, store: Store) -> None:
+        msgs = [event("order.created") for _ in range(3)]
+        ids = [i for _, i in await store.publish([out(m, fanout=1) for m in msgs], T0, "outbox")]
+        grace = 5.0
+
+        def claim(now: float, limit: int = 10) -> Awaitable[list[OutboxRow]]:
+            return store.write(
+                lambda tx: messaging.outbox_claim(tx, store.dialect, now, now - grace, now + grace, limit))
+
+        async def due(now: float) -> bool:
+            return await store.read(lambda tx: messaging.outbox_due(tx, now, now - grace))
+
+        assert not await due(T0 + 1)
+        assert await claim(T0 + 1) == []  # young: their writer relays them
+        assert await due(T0 + 6)
+        first = await claim(T0 + 6, limit=2)
+        assert [(r.id, r.route, r.msg_id, r.body, r.attempts) for r in first] == [
+            (i, "event.order.created", m.id, m.encode(), 1) for i, m in zip(ids[:2], msgs[:2], strict=True)
+        ]
+        second = await claim(T0 + 6)  # another relay at the same moment: only what is left
+        assert [(r.id, r.attempts) for r in second] == [(ids[2], 1)]
+        assert not await due(T0 + 10)
+        assert await claim(T0 + 10) == []  # all held (until T0 + 11)
+        # The first relay published one row and failed the other (retry at T0 + 20)...
+        await store.write(lambda tx: messaging.outbox_done(tx, [ids[0]]))
+        assert await store.write(lambda tx: messaging.outbox_retry(tx, [(ids[1], 1, T0 + 20)])) == 1
+        # ...the second died: its row is due again when its hold lapses.
+        assert [(r.id, r.attempts) for r in await claim(T0 + 11)] == [(ids[2], 2)]
+        # The dead relay's late retry is fenced off by the attempts of its claim.
+        assert await store.write(lambda tx: messaging.outbox_retry(tx, [(ids[2], 1, T0 + 12)])) == 0
+        assert await claim(T0 + 15) == []  # one waits for its retry, one is held (until T0 + 16)
+        assert [(r.id, r.attempts) for r in await claim(T0 + 20)] == [(ids[1], 2), (ids[2], 3)]
+
+    async def test_concurrent_outbox_claims_take_each_row_once(self, connect_store: Connect) -> None:
+        stores = [await connect_store() for _ in range(4)]  # four processes
+        relay = await stores[0].publish([out(event("order.created"), fanout=1) for _ in range(60)], T0, "outbox")
+        now = T0 + 10
+
+        def claim(store: Store) -> Awaitable[list[OutboxRow]]:
+            return store.write(lambda tx: messaging.outbox_claim(tx, store.dialect, now, now - 5, now + 5, 20))
+
+        claims = await asyncio.gather(*(claim(s) for s in stores for _ in range(3)))
+        taken = [r.id for rows in claims for r in rows]
+        assert sorted(taken) == sorted(i for _, i in relay)  # every row, each by one claim
 
     async def test_purge_applies_retention(self, store: Store) -> None:
         g = "g-" + tag()

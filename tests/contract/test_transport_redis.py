@@ -303,3 +303,25 @@ async def test_concurrent_acks_and_publishes_share_round_trips(bus: RedisTranspo
     assert sorted(numbers(got)) == list(range(200))
     assert await sub.receive(10, 0.3) == []
     await sub.close()
+
+
+async def test_a_refused_publish_fails_only_its_caller(bus: RedisTransport, prefix: str) -> None:
+    route, bad = "event.fine", "event.bad"
+    sub = await bus.subscribe("g", [route], lease=10)
+    client = aioredis.Redis.from_url(REDIS)
+    try:
+        await client.set(prefix + bad, "not a stream")  # XADD to it: WRONGTYPE, for that message only
+    finally:
+        await client.aclose()
+    # Concurrent callers share one pipeline; the refusal is about one message of one caller.
+    results = await asyncio.gather(
+        *(bus.publish([outgoing(route, n)]) for n in range(5)),
+        bus.publish([outgoing(bad, 99)]),
+        bus.publish([outgoing(route, 5), outgoing(bad, 98)]),
+        return_exceptions=True,
+    )
+    assert results[:5] == [None] * 5
+    assert all(isinstance(r, TransportError) and "WRONGTYPE" in str(r) for r in results[5:])
+    got = await drain(sub, 6)
+    assert sorted(numbers(got)) == list(range(6))  # the refused caller's other message went out too
+    await sub.close()

@@ -19,7 +19,7 @@ from pydantic import BaseModel
 
 from interplay import App
 from interplay.runtime import Runtime
-from interplay.stores import open_store
+from interplay.stores import messaging, open_store
 from interplay.stores.postgres import PostgresStore
 from interplay.stores.schema import MIGRATIONS, SCHEMA_VERSION
 from interplay.stores.sqlite import SqliteStore
@@ -200,18 +200,31 @@ _OLD_FLOW = (
 )
 
 
+# An outbox row its writer never published (migration 6 makes outbox rows claimable).
+_OLD_OUTBOX = (
+    "INSERT INTO ip_outbox (route, msg_id, body, created) "
+    "VALUES ('event.order.created', 'old-msg', CAST('old-body' AS {blob}), 100)"
+)
+
+
 def _version_1(execute: Callable[[str], object], types: dict[str, str]) -> None:
-    """The schema as interplay wrote it before the stuck-flow watch (version 1), with a flow in it."""
+    """The schema as interplay wrote it before the stuck-flow watch (version 1), with a flow
+    and a leftover outbox row in it."""
     for statement in MIGRATIONS[1]:
         execute(statement.format(**types))
     execute("INSERT INTO ip_meta (key, value) VALUES ('schema_version', '1')")
     execute(_OLD_FLOW)
+    execute(_OLD_OUTBOX.format(**types))
 
 
 async def _upgraded_and_watched(url: str) -> None:
     received: list[FlowStuck] = []
     async with stalling_app(received).run(store=url, stuck_check_interval=None) as rt:
         assert await rt.store.schema_version() == SCHEMA_VERSION
+        store = rt.store
+        assert await store.read(lambda tx: messaging.outbox_due(tx, 200, 195))  # the old row: due at once
+        taken = await store.write(lambda tx: messaging.outbox_claim(tx, store.dialect, 200, 195, 205, 10))
+        assert [(r.msg_id, r.body, r.attempts) for r in taken] == [("old-msg", b"old-body", 1)]
         assert [s.flow_id for s in await rt.check_stuck()] == ["old-flow"]
         await wait_until(lambda: len(received) == 1)
         assert received[0].last_step == "payment.completed"

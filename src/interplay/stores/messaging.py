@@ -15,7 +15,7 @@ import orjson
 
 from ..message import Message
 from ..transports.base import reply_route
-from .records import ClaimedRow, DeadLetter, DeadLetterRecord, Outgoing, Settlement
+from .records import ClaimedRow, DeadLetter, DeadLetterRecord, OutboxRow, Outgoing, Settlement
 from .tx import Transaction, Tx
 
 __all__ = [
@@ -26,6 +26,9 @@ __all__ = [
     "dlq_list",
     "dlq_replay",
     "drop_group",
+    "outbox_claim",
+    "outbox_due",
+    "outbox_retry",
     "publish",
     "settle",
 ]
@@ -456,6 +459,57 @@ def outbox_pending(tx: Tx, older_than: float, limit: int) -> list[tuple[int, str
             (older_than, limit),
         )
     ]
+
+
+# A row is due when its writer's grace is over (never taken yet) or the relay loop that
+# took it last let it go (published and deleted it, failed and set a retry time, or died).
+_OUTBOX_DUE = "(relay_after <= ? OR (relay_after IS NULL AND created < ?))"
+
+_ROW_LOCKS = {"postgresql": " FOR UPDATE SKIP LOCKED"}
+"""How a claim locks the rows it takes, per dialect: where write transactions run side
+by side, competing claims skip each other's rows instead of waiting for (and then taking)
+them; SQLite has one writer at a time, which serializes the claims anyway."""
+
+
+def outbox_due(tx: Tx, now: float, older_than: float) -> bool:
+    """Whether any outbox row is due for relaying (a cheap look, on the reader)."""
+    return tx.one(f"SELECT 1 FROM ip_outbox WHERE {_OUTBOX_DUE} LIMIT 1", (now, older_than)) is not None
+
+
+def outbox_claim(
+    tx: Tx, dialect: str, now: float, older_than: float, hold_until: float, limit: int
+) -> list[OutboxRow]:
+    """Take up to ``limit`` due outbox rows for relaying, oldest first.
+
+    Rows never taken are due once ``created < older_than`` (their writer's grace is
+    over); taken rows when ``relay_after <= now``. A taken row is left to the taker
+    until ``hold_until``: no other process relays it meanwhile, and if the taker dies
+    it is due again then. Each claim bumps the row's ``attempts``.
+    """
+    rows = tx.all(
+        "UPDATE ip_outbox SET relay_after = ?, attempts = attempts + 1 WHERE id IN "
+        f"(SELECT id FROM ip_outbox WHERE {_OUTBOX_DUE} ORDER BY id LIMIT ?{_ROW_LOCKS.get(dialect, '')}) "
+        "RETURNING id, route, msg_id, body, attempts",
+        (hold_until, now, older_than, limit),
+    )
+    return sorted(
+        (OutboxRow(id=int(r[0]), route=r[1], msg_id=r[2], body=bytes(r[3]), attempts=int(r[4])) for r in rows),
+        key=lambda row: row.id,
+    )
+
+
+def outbox_retry(tx: Tx, retries: Sequence[tuple[int, int, float]]) -> int:
+    """Set when rows whose publish failed are due again: (id, attempts of the claim, time).
+
+    A row claimed again since (its hold lapsed; ``attempts`` moved on) belongs to that
+    claim now and is left alone. Returns how many rows were rescheduled.
+    """
+    return sum(
+        tx.execute(
+            "UPDATE ip_outbox SET relay_after = ? WHERE id = ? AND attempts = ?", (at, row_id, attempts)
+        ).rowcount
+        for row_id, attempts, at in retries
+    )
 
 
 def outbox_done(tx: Tx, ids: Sequence[int]) -> None:

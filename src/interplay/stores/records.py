@@ -14,6 +14,7 @@ __all__ = [
     "FlowRow",
     "FlowStart",
     "MessageRow",
+    "OutboxRow",
     "Outgoing",
     "Settlement",
     "SpanRecord",
@@ -143,6 +144,21 @@ class ClaimedRow:
     route: str | None = None
     duplicate: bool = False
     reply: bytes | None = None
+
+
+@dataclass(slots=True)
+class OutboxRow:
+    """An outbox row a relay loop took (for ``outbox_grace`` seconds) to publish.
+
+    ``attempts`` counts the claims of the row, this one included; it is also the
+    token that fences the claim (a later claim bumps it).
+    """
+
+    id: int
+    route: str
+    msg_id: str
+    body: bytes
+    attempts: int
 
 
 @dataclass(slots=True)

@@ -7,7 +7,7 @@ another style. Bump ``SCHEMA_VERSION`` and append to ``MIGRATIONS`` to change it
 
 from __future__ import annotations
 
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 
 MIGRATIONS: dict[int, list[str]] = {
     1: [
@@ -94,6 +94,15 @@ MIGRATIONS: dict[int, list[str]] = {
     # only the lease its last claim got.
     5: [
         "CREATE TABLE IF NOT EXISTS ip_leases (owner TEXT PRIMARY KEY, lease_until {real} NOT NULL){no_rowid}",
+    ],
+    # Outbox rows are claimed by one relay loop at a time, and retried with backoff:
+    # relay_after is when a row may be taken next (NULL: outbox_grace after created,
+    # the time its writer has to publish it), attempts how often a relay loop took it.
+    # Without a claim every process republished every leftover row.
+    6: [
+        "ALTER TABLE ip_outbox ADD COLUMN relay_after {real}",
+        "ALTER TABLE ip_outbox ADD COLUMN attempts INTEGER NOT NULL DEFAULT 0",
+        "CREATE INDEX IF NOT EXISTS ip_outbox_due ON ip_outbox (relay_after)",
     ],
 }
 

@@ -277,8 +277,20 @@ def _parse_url(url: str) -> _Options:
     return _Options(urlunsplit(parts._replace(query=urlencode(rest))), ours.get("prefix", "ip:"), trim, timeout)
 
 
+class _Refused(TransportError):
+    """Some items of a coalesced round trip failed (by position); the others went through."""
+
+    def __init__(self, message: str, failed: dict[int, Exception]) -> None:
+        super().__init__(message)
+        self.failed = failed
+
+
 class _Coalescer(Generic[T]):
-    """Runs what concurrent callers submit in one round trip (a group commit for acks)."""
+    """Runs what concurrent callers submit in one round trip (a group commit for acks).
+
+    If the round trip fails, every caller gets the error - unless it is :class:`_Refused`:
+    then only the callers whose items it names do.
+    """
 
     def __init__(self, run: Callable[[list[T]], Awaitable[None]]) -> None:
         self._run = run
@@ -299,6 +311,19 @@ class _Coalescer(Generic[T]):
                 batch, self._queue = self._queue, []
                 try:
                     await self._run([item for items, _ in batch for item in items])
+                except _Refused as exc:
+                    start = 0
+                    for items, future in batch:
+                        mine = [exc.failed[i] for i in range(start, start + len(items)) if i in exc.failed]
+                        start += len(items)
+                        if future.done():
+                            continue
+                        if mine:
+                            error = TransportError(f"redis: publish failed: {mine[0]}")
+                            error.__cause__ = mine[0]
+                            future.set_exception(error)
+                        else:
+                            future.set_result(None)
                 except Exception as exc:
                     for _, future in batch:
                         if not future.done():
@@ -463,23 +488,27 @@ class RedisTransport(Transport):
         # NOMKSTREAM keeps routes nobody declared from littering Redis. A stream that a
         # group declared through here but is gone means the server lost data: declare
         # again and resend, rather than drop the message.
-        lost = [item for item, result in zip(items, results, strict=True)
+        lost = [i for i, (item, result) in enumerate(zip(items, results, strict=True))
                 if result is None and self._declared.get(item[0])]
         if lost:
-            for route in {route for route, _ in lost}:
+            for route in {items[i][0] for i in lost}:
                 for group in self._declared[route]:
                     await self._create_groups(group, [route], "$")
-            await self._xadd_all(lost)
+            for i, result in zip(lost, await self._xadd_all([items[i] for i in lost]), strict=True):
+                results[i] = result
+        # A command Redis refused is about its own message (a key of the wrong type, an
+        # ACL): fail only the callers whose messages it refused, not all who shared the trip.
+        refused = {i: r for i, r in enumerate(results) if isinstance(r, Exception)}
+        if refused:
+            raise _Refused(f"redis: publish failed: {next(iter(refused.values()))}", refused)
 
     async def _xadd_all(self, items: list[tuple[str, bytes]]) -> list[Any]:
+        """XADD each item in one pipeline; per item, its entry id, None (no stream) or the error."""
         with _translated("publish"):
             async with self.redis.pipeline(transaction=False) as pipe:
                 for route, body in items:
                     pipe.xadd(self.stream_key(route), {"body": body}, nomkstream=True)
                 results: list[Any] = await pipe.execute(raise_on_error=False)
-        for result in results:
-            if isinstance(result, Exception):
-                raise TransportError(f"redis: publish failed: {result}") from result
         return results
 
     async def publish_to_group(self, group: str, route: str, body: bytes) -> None:
