@@ -308,6 +308,9 @@ class Engine(Steps):
     async def _claim_loop(self) -> None:
         opts = self.rt.options
         while not self.stopping:
+            # Cleared before looking, not after: a wake-up arriving while we claim
+            # (a run created meanwhile) must make the wait below return at once.
+            self._wake.clear()
             try:
                 # A bite at a time: a run claimed but not started in time would lapse and
                 # bounce to another orchestrator. A full bite means more may be waiting.
@@ -330,7 +333,6 @@ class Engine(Steps):
             if len(claimed) == CLAIM_BITE:
                 await asyncio.sleep(0)
                 continue
-            self._wake.clear()
             try:
                 await asyncio.wait_for(self._wake.wait(), opts.run_poll)
             except TimeoutError:
