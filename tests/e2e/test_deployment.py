@@ -86,6 +86,10 @@ async def test_services_in_separate_processes_survive_a_sigkill(tmp_path: Path, 
             procs["shipping"].wait(timeout=10)
             at_kill = await completed(rt)
             procs["shipping"] = spawn("shipping", store, bus, tmp_path / "shipping.log")
+            # Up again before anything is judged (and before the SIGTERM at the end,
+            # which during its start-up would find Python's default handler).
+            await wait_until(lambda: _hosting(tmp_path / "shipping.log", 2), timeout=60, interval=0.05,
+                             message="the restarted shipping process hosting its service")
             for fid in flows:
                 assert (await rt.wait_flow(fid, timeout=120)).status == "completed"
             results = await asyncio.gather(*(h.result(timeout=120) for h in runs))
@@ -112,3 +116,8 @@ async def test_services_in_separate_processes_survive_a_sigkill(tmp_path: Path, 
 
 async def _at_least(rt: Runtime, n: int) -> bool:
     return await completed(rt) >= n
+
+
+def _hosting(log: Path, times: int) -> bool:
+    """The process(es) logging to ``log`` said ``hosting ...`` at least ``times`` times."""
+    return log.read_text(errors="replace").count("hosting") >= times

@@ -71,6 +71,7 @@ async def test_three_orchestrators_one_killed_every_run_once(tmp_path: Path, pg_
     rt = await client(pg_url)
     procs = [orchestrator(pg_url, tmp_path / f"orch{i}.log") for i in range(3)]
     try:
+        await _all_up(rt, 3)
         handles = await asyncio.gather(*(rt.start("order", Order(id=i), id=f"order-{i}") for i in range(RUNS)))
         await wait_until(lambda: _completed_at_least(rt, RUNS // 3), timeout=120, interval=0.01)
         procs[0].send_signal(signal.SIGKILL)
@@ -99,6 +100,14 @@ async def test_three_orchestrators_one_killed_every_run_once(tmp_path: Path, pg_
     assert codes == [0, 0]
 
 
+async def _all_up(rt: Runtime, n: int) -> None:
+    """Every orchestrator process holds its lease: up, and past Python's default SIGTERM."""
+    async def up() -> bool:
+        return await count(rt, "SELECT COUNT(*) FROM ip_leases") >= n
+
+    await wait_until(up, timeout=60, interval=0.05, message=f"{n} orchestrators up")
+
+
 async def _completed_at_least(rt: Runtime, n: int) -> bool:
     return await count(rt, "SELECT COUNT(*) FROM ip_runs WHERE status = 'completed'") >= n
 
@@ -107,6 +116,7 @@ async def test_a_timer_fires_once_with_three_orchestrators(tmp_path: Path, pg_ur
     rt = await client(pg_url)
     procs = [orchestrator(pg_url, tmp_path / f"orch{i}.log") for i in range(3)]
     try:
+        await _all_up(rt, 3)
         handles = [await rt.start("sleeper", 1.0, id=f"sleeper-{i}") for i in range(30)]
         slept = await asyncio.gather(*(h.result(timeout=60) for h in handles))
         timers = await rt.store.read(lambda tx: tx.all(
