@@ -85,6 +85,8 @@ class Store(ABC):
         self._wexec: ThreadPoolExecutor | None = None
         self._rexec: ThreadPoolExecutor | None = None
         self._sql_cache: dict[str, str] = {}
+        self._done_lock = threading.Lock()
+        self._outbox_done: list[int] | None = None  # relayed rows waiting for their DELETE
         self._opened = False
         self._closed = False
 
@@ -470,8 +472,27 @@ class Store(ABC):
 
     def outbox_done(self, ids: Sequence[int]) -> None:
         """Delete relayed outbox rows, in the next transaction (nobody waits for it: a row
-        left by a crash is relayed again and de-duplicated by the inbox)."""
-        self.write_soon(lambda tx: messaging.outbox_done(tx, ids))
+        left by a crash is relayed again and de-duplicated by the inbox).
+
+        The rows of every call until that transaction takes them go in one op, so
+        publishing after each commit does not add an op per commit to the writer.
+        """
+        if not ids:
+            return
+        with self._done_lock:
+            pending = self._outbox_done
+            if pending is not None:
+                pending.extend(ids)
+                return
+            pending = self._outbox_done = list(ids)
+
+        def delete(tx: Tx) -> None:
+            with self._done_lock:  # from here on, later calls start a list of their own
+                if self._outbox_done is pending:
+                    self._outbox_done = None
+            messaging.outbox_done(tx, pending)  # idempotent, if the batch runs it again
+
+        self.write_soon(delete)
 
     async def dlq_list(
         self, limit: int = 50, *, group: str | None = None, flow_id: str | None = None
