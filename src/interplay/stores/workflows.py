@@ -283,10 +283,11 @@ def finish_run(
             (status, em.now, em.now, run.flow_id),
         )
     _spans(tx, [span])
-    em.wake_waiters(
-        run.flow_id, f"@run:{run.run_id}", None,
-        payload={"status": status, "result": result, "error_type": error_type, "error": error},
-    )
+    if run.parent_run is not None:  # only a parent waits for a run's end (ctx.start_child)
+        em.wake_waiters(
+            run.flow_id, f"@run:{run.run_id}", None,
+            payload={"status": status, "result": result, "error_type": error_type, "error": error},
+        )
     return True
 
 
