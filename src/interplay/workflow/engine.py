@@ -43,9 +43,9 @@ __all__ = ["Engine", "RunState"]
 log = logging.getLogger("interplay.workflow")
 
 CLAIM_BITE = 200
+"""Runs claimed per round by an orchestrator."""
 ENDED_KEPT = 10_000
 """Records of runs that ended here kept for ``result()`` (the oldest are read from the store)."""
-"""Runs claimed per round by an orchestrator."""
 
 @dataclass(eq=False)
 class RunState:

@@ -69,7 +69,7 @@ class WorkflowHandle:
                 raise TimeoutError(f"workflow run {self.id} still {status} after {timeout}s")
             # Executing here: woken the moment it ends; elsewhere: by the runtime's one
             # watcher, which asks the store about every awaited run at once.
-            await self._rt.engine.watch(self.id, remaining)
+            await engine.watch(self.id, remaining)
 
     def _outcome(self, row: RunRow) -> Any:
         if row.status == "completed":
