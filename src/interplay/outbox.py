@@ -30,7 +30,6 @@ from typing import TYPE_CHECKING
 
 from .errors import TransportError
 from .message import Message
-from .stores import messaging
 from .stores.records import OutboxRow, Outgoing
 
 if TYPE_CHECKING:
@@ -77,12 +76,9 @@ class OutboxRelay:
         rt = self.rt
         store, grace = rt.store, rt.options.outbox_grace
         now = rt.clock.now()
-        if not await store.read(lambda tx: messaging.outbox_due(tx, now, now - grace)):
+        if not await store.outbox_due(now, now - grace):
             return 0, False
-        dialect = store.dialect
-        rows = await store.write(
-            lambda tx: messaging.outbox_claim(tx, dialect, now, now - grace, now + grace, BATCH)
-        )
+        rows = await store.outbox_claim(now, now - grace, now + grace, BATCH)
         if not rows:  # another process took them first
             return 0, False
         batch: list[tuple[OutboxRow, Outgoing]] = []
@@ -102,7 +98,7 @@ class OutboxRelay:
         if failed:
             later = rt.clock.now()
             retries = [(row.id, row.attempts, later + self.backoff(row.attempts)) for row in failed]
-            await store.write(lambda tx: messaging.outbox_retry(tx, retries))
+            await store.outbox_retry(retries)
         return len(done), len(rows) == BATCH and not failed
 
     async def _publish(

@@ -368,11 +368,10 @@ class StoreContract:
         grace = 5.0
 
         def claim(now: float, limit: int = 10) -> Awaitable[list[OutboxRow]]:
-            return store.write(
-                lambda tx: messaging.outbox_claim(tx, store.dialect, now, now - grace, now + grace, limit))
+            return store.outbox_claim(now, now - grace, now + grace, limit)
 
         async def due(now: float) -> bool:
-            return await store.read(lambda tx: messaging.outbox_due(tx, now, now - grace))
+            return await store.outbox_due(now, now - grace)
 
         assert not await due(T0 + 1)
         assert await claim(T0 + 1) == []  # young: their writer relays them
@@ -387,11 +386,11 @@ class StoreContract:
         assert await claim(T0 + 10) == []  # all held (until T0 + 11)
         # The first relay published one row and failed the other (retry at T0 + 20)...
         await store.write(lambda tx: messaging.outbox_done(tx, [ids[0]]))
-        assert await store.write(lambda tx: messaging.outbox_retry(tx, [(ids[1], 1, T0 + 20)])) == 1
+        assert await store.outbox_retry([(ids[1], 1, T0 + 20)]) == 1
         # ...the second died: its row is due again when its hold lapses.
         assert [(r.id, r.attempts) for r in await claim(T0 + 11)] == [(ids[2], 2)]
         # The dead relay's late retry is fenced off by the attempts of its claim.
-        assert await store.write(lambda tx: messaging.outbox_retry(tx, [(ids[2], 1, T0 + 12)])) == 0
+        assert await store.outbox_retry([(ids[2], 1, T0 + 12)]) == 0
         assert await claim(T0 + 15) == []  # one waits for its retry, one is held (until T0 + 16)
         assert [(r.id, r.attempts) for r in await claim(T0 + 20)] == [(ids[1], 2), (ids[2], 3)]
 
@@ -401,7 +400,7 @@ class StoreContract:
         now = T0 + 10
 
         def claim(store: Store) -> Awaitable[list[OutboxRow]]:
-            return store.write(lambda tx: messaging.outbox_claim(tx, store.dialect, now, now - 5, now + 5, 20))
+            return store.outbox_claim(now, now - 5, now + 5, 20)
 
         claims = await asyncio.gather(*(claim(s) for s in stores for _ in range(3)))
         taken = [r.id for rows in claims for r in rows]

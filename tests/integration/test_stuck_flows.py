@@ -19,7 +19,7 @@ from pydantic import BaseModel
 
 from interplay import App
 from interplay.runtime import Runtime
-from interplay.stores import messaging, open_store
+from interplay.stores import open_store
 from interplay.stores.postgres import PostgresStore
 from interplay.stores.schema import MIGRATIONS, SCHEMA_VERSION
 from interplay.stores.sqlite import SqliteStore
@@ -222,8 +222,8 @@ async def _upgraded_and_watched(url: str) -> None:
     async with stalling_app(received).run(store=url, stuck_check_interval=None) as rt:
         assert await rt.store.schema_version() == SCHEMA_VERSION
         store = rt.store
-        assert await store.read(lambda tx: messaging.outbox_due(tx, 200, 195))  # the old row: due at once
-        taken = await store.write(lambda tx: messaging.outbox_claim(tx, store.dialect, 200, 195, 205, 10))
+        assert await store.outbox_due(200, 195)  # the old row: due at once
+        taken = await store.outbox_claim(200, 195, 205, 10)
         assert [(r.msg_id, r.body, r.attempts) for r in taken] == [("old-msg", b"old-body", 1)]
         assert [s.flow_id for s in await rt.check_stuck()] == ["old-flow"]
         await wait_until(lambda: len(received) == 1)

@@ -33,6 +33,7 @@ from .records import (
     FlowRow,
     JournalEntry,
     MessageRow,
+    OutboxRow,
     Outgoing,
     RunRow,
     Settlement,
@@ -65,6 +66,10 @@ class Store(ABC):
     """Leases ready queue rows: params (visible_until, lease, group, now, limit)."""
     CLAIM_RUNS_SQL: ClassVar[str]
     """Takes over unowned runs: params (owner, lease_until, now, now, limit); returns RUN_COLUMNS."""
+    ROW_LOCK: ClassVar[str] = ""
+    """Appended to a claim's row-choosing SELECT: where write transactions run side by side
+    (PostgreSQL's ``FOR UPDATE SKIP LOCKED``), competing claims skip each other's rows
+    instead of waiting for and then taking them; one writer at a time (SQLite) needs none."""
     durable: bool = True
     supports_bus: bool = True
     """Whether the store can also be the bus (its queue table)."""
@@ -469,6 +474,22 @@ class Store(ABC):
     async def outbox_pending(self, older_than: float, limit: int = 500) -> list[tuple[int, str, bytes]]:
         """Outbox rows older than ``older_than`` (their writer may have died)."""
         return await self.read(lambda tx: messaging.outbox_pending(tx, older_than, limit))
+
+    async def outbox_due(self, now: float, older_than: float) -> bool:
+        """Whether any outbox row is due for relaying (a cheap look, on the reader)."""
+        return await self.read(lambda tx: messaging.outbox_due(tx, now, older_than))
+
+    async def outbox_claim(self, now: float, older_than: float, hold_until: float, limit: int) -> list[OutboxRow]:
+        """Take up to ``limit`` due outbox rows for relaying, held until ``hold_until``.
+
+        See :func:`messaging.outbox_claim` for when a row is due.
+        """
+        lock = self.ROW_LOCK
+        return await self.write(lambda tx: messaging.outbox_claim(tx, lock, now, older_than, hold_until, limit))
+
+    async def outbox_retry(self, retries: Sequence[tuple[int, int, float]]) -> int:
+        """Set when failed rows are due again: (id, attempts of the claim, time); returns how many."""
+        return await self.write(lambda tx: messaging.outbox_retry(tx, retries))
 
     def outbox_done(self, ids: Sequence[int]) -> None:
         """Delete relayed outbox rows, in the next transaction (nobody waits for it: a row

@@ -465,30 +465,25 @@ def outbox_pending(tx: Tx, older_than: float, limit: int) -> list[tuple[int, str
 # took it last let it go (published and deleted it, failed and set a retry time, or died).
 _OUTBOX_DUE = "(relay_after <= ? OR (relay_after IS NULL AND created < ?))"
 
-_ROW_LOCKS = {"postgresql": " FOR UPDATE SKIP LOCKED"}
-"""How a claim locks the rows it takes, per dialect: where write transactions run side
-by side, competing claims skip each other's rows instead of waiting for (and then taking)
-them; SQLite has one writer at a time, which serializes the claims anyway."""
-
-
 def outbox_due(tx: Tx, now: float, older_than: float) -> bool:
     """Whether any outbox row is due for relaying (a cheap look, on the reader)."""
     return tx.one(f"SELECT 1 FROM ip_outbox WHERE {_OUTBOX_DUE} LIMIT 1", (now, older_than)) is not None
 
 
 def outbox_claim(
-    tx: Tx, dialect: str, now: float, older_than: float, hold_until: float, limit: int
+    tx: Tx, row_lock: str, now: float, older_than: float, hold_until: float, limit: int
 ) -> list[OutboxRow]:
     """Take up to ``limit`` due outbox rows for relaying, oldest first.
 
     Rows never taken are due once ``created < older_than`` (their writer's grace is
     over); taken rows when ``relay_after <= now``. A taken row is left to the taker
     until ``hold_until``: no other process relays it meanwhile, and if the taker dies
-    it is due again then. Each claim bumps the row's ``attempts``.
+    it is due again then. Each claim bumps the row's ``attempts``. ``row_lock`` is the
+    store's ``ROW_LOCK``.
     """
     rows = tx.all(
         "UPDATE ip_outbox SET relay_after = ?, attempts = attempts + 1 WHERE id IN "
-        f"(SELECT id FROM ip_outbox WHERE {_OUTBOX_DUE} ORDER BY id LIMIT ?{_ROW_LOCKS.get(dialect, '')}) "
+        f"(SELECT id FROM ip_outbox WHERE {_OUTBOX_DUE} ORDER BY id LIMIT ?{row_lock}) "
         "RETURNING id, route, msg_id, body, attempts",
         (hold_until, now, older_than, limit),
     )
