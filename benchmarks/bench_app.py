@@ -1,4 +1,4 @@
-"""The app of benchmarks/orchestration.py: a 3-step order workflow, as local steps or as commands.
+"""The app of benchmarks/orchestration.py and brokers.py: a 3-step order workflow, as steps or commands.
 
 * ``order``: three ``ctx.call`` commands to three services (stock, payments, shipping)
   over the bus - each command, its handling, its reply and the journal committed;

@@ -261,28 +261,7 @@ async def interplay_choreography(kind: str, store: str, n: int, concurrency: int
 
 
 async def interplay_orchestration(kind: str, store: str, runs: int, inflight: int) -> dict[str, Any]:
-    from interplay import App, WorkflowContext
-
-    app = App("bench")
-
-    @app.service("stock").command("reserve")
-    async def reserve(i: int) -> int:
-        return i
-
-    @app.service("payments").command("charge")
-    async def charge(i: int) -> int:
-        return i
-
-    @app.service("shipping").command("ship")
-    async def ship(i: int) -> int:
-        return i
-
-    @app.workflow("order")
-    async def order(ctx: WorkflowContext, i: int) -> int:
-        await ctx.call("stock.reserve", i)
-        await ctx.call("payments.charge", i)
-        await ctx.call("shipping.ship", i)
-        return i
+    from bench_app import app  # the 3-command "order" workflow of benchmarks/orchestration.py too
 
     bus = Bus(kind)
     try:
