@@ -15,7 +15,6 @@ import os
 import signal
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -23,8 +22,6 @@ import pytest
 from interplay import Runtime
 from interplay.testing import wait_until
 
-from ..pg import database
-from ..servers import require
 from .crash_app import Order, app
 
 pytestmark = pytest.mark.slow
@@ -32,12 +29,6 @@ pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[2]
 RUNS = 2000
 
-
-@pytest.fixture
-def pg_url() -> Iterator[str]:
-    require("postgres")
-    with database("interplay_orch") as url:
-        yield url
 
 
 def orchestrator(store: str, log: Path) -> subprocess.Popen[bytes]:

@@ -24,7 +24,7 @@ import signal
 import subprocess
 import sys
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,7 +34,7 @@ from interplay import Runtime
 from interplay.testing import wait_until
 
 from ..buses import delete_redis_keys, server_url
-from ..pg import database, free_port
+from ..pg import free_port
 from ..servers import require
 from .outbox_app import Order, app
 from .test_nats_broker_outage import NATS_SERVER, need_nats_server
@@ -122,12 +122,6 @@ async def nats_broker(tmp_path: Path) -> AsyncIterator[Broker]:
         server.terminate()
         server.wait(timeout=10)
 
-
-@pytest.fixture
-def pg_url() -> Iterator[str]:
-    require("postgres")
-    with database("interplay_outbox") as url:
-        yield url
 
 
 def spawn(args: list[str], log: Path) -> subprocess.Popen[bytes]:

@@ -9,23 +9,13 @@ emitted by a service in the other runtime must be woken by it.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
 
 import pytest
 
 from interplay.examples.orders import Order, app
 
-from .. import pg
-from ..servers import require
-
 pytestmark = pytest.mark.slow
 
-
-@pytest.fixture
-def pg_url() -> Iterator[str]:
-    require("postgres")
-    with pg.database("interplay_workflows") as url:
-        yield url
 
 
 async def test_orchestration_across_two_runtimes(pg_url: str) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections import Counter
 from typing import Any
 
@@ -33,3 +34,13 @@ async def ledger(rt: Any) -> list[tuple[int, float]]:
 
 async def create_ledger(rt: Any) -> None:
     await rt.store.write(lambda tx: tx.execute("CREATE TABLE IF NOT EXISTS ledger (order_id INTEGER, amount REAL)"))
+
+
+async def publish_duplicates(rt: Any, same_id: str) -> None:
+    """``order.paid`` for order 1 under one id five times (four at once, then once more
+    after they settled), and once for order 2; returns when all is handled."""
+    await asyncio.gather(*(rt.publish("order.paid", {"id": 1, "amount": 9.5}, id=same_id) for _ in range(4)))
+    await rt.settled()
+    await rt.publish("order.paid", {"id": 1, "amount": 9.5}, id=same_id)
+    await rt.publish("order.paid", {"id": 2, "amount": 3.0})
+    await rt.settled()

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import asyncio
 from collections import Counter
 
 import pytest
 
 from ..buses import Bus
-from .ledger import create_ledger, ledger, ledger_app
+from .ledger import create_ledger, ledger, ledger_app, publish_duplicates
 
 # The rows are the store's business; how each bus delivers duplicates is test_choreography's.
 pytestmark = pytest.mark.buses("store", "memory")
@@ -19,12 +18,7 @@ async def test_rows_written_once_under_duplicate_delivery(bus: Bus) -> None:
     app = ledger_app(runs, {})
     async with bus.run(app) as rt:
         await create_ledger(rt)
-        same = "0190f000-0000-7000-8000-00000000000a"
-        await asyncio.gather(*(rt.publish("order.paid", {"id": 1, "amount": 9.5}, id=same) for _ in range(4)))
-        await rt.settled()
-        await rt.publish("order.paid", {"id": 1, "amount": 9.5}, id=same)  # and again later
-        await rt.publish("order.paid", {"id": 2, "amount": 3.0})
-        await rt.settled()
+        await publish_duplicates(rt, "0190f000-0000-7000-8000-00000000000a")
         assert await ledger(rt) == [(1, 9.5), (2, 3.0)]
 
 
