@@ -64,8 +64,22 @@ def resolve_hints(fn: Any) -> dict[str, Any]:
 
     ``typing.get_type_hints`` fails as a whole when one name is unknown, e.g. a type
     imported inside the function that defines a handler under ``from __future__
-    import annotations``; then each annotation is resolved on its own.
+    import annotations``; then each annotation is resolved on its own. Remembered per
+    function (a workflow step asks at every call); the dict returned is shared, so
+    do not change it.
     """
+    try:
+        return _cached_hints(fn)
+    except TypeError:  # unhashable: a callable object that defines __eq__ only
+        return _resolve_hints(fn)
+
+
+@lru_cache(maxsize=4096)
+def _cached_hints(fn: Any) -> dict[str, Any]:
+    return _resolve_hints(fn)
+
+
+def _resolve_hints(fn: Any) -> dict[str, Any]:
     try:
         return get_type_hints(fn)
     except Exception:  # resolve what can be resolved, one by one

@@ -96,6 +96,21 @@ async def count(store: Store, table: str) -> int:
     return int((await store.read(lambda tx: tx.one(f"SELECT COUNT(*) FROM {table}")))[0])
 
 
+async def occupy_writers(store: Store, n: int, gate: threading.Event) -> asyncio.Future[list[Any]]:
+    """Hold ``n`` of the store's writer threads in an op until ``gate`` is set; returns their writes."""
+    started = threading.Semaphore(0)
+
+    def hold(tx: Tx) -> None:
+        started.release()
+        gate.wait(10)
+
+    held = []
+    for _ in range(n):  # one at a time, or one writer would take them all in one batch
+        held.append(asyncio.ensure_future(store.write(hold)))
+        assert await asyncio.to_thread(started.acquire, True, 10), "a writer did not take its op"
+    return asyncio.gather(*held)
+
+
 class StoreContract:
     """Subclass and implement ``make_store``; pytest collects the inherited tests."""
 
@@ -151,6 +166,45 @@ class StoreContract:
         results = await asyncio.gather(*good, store.write(bad), return_exceptions=True)
         assert [int(r) for r in results[:3]] == [0, 1, 2]  # type: ignore[call-overload]
         assert isinstance(results[3], StoreError)
+
+    async def test_an_op_failing_at_its_first_statement_leaves_the_writer_usable(self, store: Store) -> None:
+        # PostgreSQL sends BEGIN with the first statement: a failure there must still roll back.
+        gate = threading.Event()  # all writer connections but one wait here: the ops below share that one
+        blockers = await occupy_writers(store, store._writer_count() - 1, gate)
+        try:
+            for _ in range(3):
+                with pytest.raises(StoreError):
+                    await store.write(lambda tx: tx.execute("SELEC nonsense"))
+                assert int((await store.write(lambda tx: tx.one("SELECT 7")))[0]) == 7
+        finally:
+            gate.set()
+            await blockers
+
+    async def test_a_fenced_write_in_a_batch_is_refused_alone(self, store: Store) -> None:
+        # Ops batched together defer their fences to commit time (Tx.expect); one that
+        # fails there must fail only its own op, and only that op's writes are dropped.
+        runs = [new_run("run-" + tag(), owner="a") for _ in range(6)]
+        for run in runs:
+            await self.emitting(store, lambda em, run=run: workflows.create_run(em, run, root_of(run)))
+        gate = threading.Event()  # every writer waits here meanwhile: the steps below queue up together
+        blocking = await occupy_writers(store, store._writer_count(), gate)
+        holders = [("b", 0) if i == 2 else ("a", 0) for i in range(len(runs))]
+        steps = [
+            self.emitting(store, lambda em, run=run, holder=holder: workflows.write_step(
+                em, holder, JournalEntry(run.run_id, 0, "step", "charge", "completed", data=run.run_id,
+                                         started=T0, ended=T0),
+                [out(event("charged", flow_id=run.flow_id), route="")]))
+            for run, holder in zip(runs, holders, strict=True)
+        ]
+        pending = asyncio.gather(*steps)
+        await asyncio.sleep(0.1)
+        gate.set()
+        await blocking
+        assert await pending == [True, True, False, True, True, True]
+        journals = [await store.load_journal(run.run_id) for run in runs]
+        assert [[e.data for e in j] for j in journals] == [[r.run_id] if i != 2 else [] for i, r in enumerate(runs)]
+        charged = await store.read(lambda tx: tx.all("SELECT flow_id FROM ip_messages WHERE type = 'charged'"))
+        assert sorted(r[0] for r in charged) == sorted(r.flow_id for i, r in enumerate(runs) if i != 2)
 
     # ------------------------------------------------------------------ the queue
     async def test_publish_claim_settle_with_lease_fencing(self, store: Store) -> None:

@@ -5,8 +5,10 @@ go through one writer connection on one thread: callers hand it *ops* (functions
 :class:`Tx`) and every op that arrives while a transaction is committing joins the
 next one. So a hundred handlers finishing at once cost one fsync, not a hundred, and
 each op still commits atomically (an op that fails is retried alone, so it cannot take
-its neighbours down). Reads use a second connection, so traces and listings never wait
-for the writer.
+its neighbours down). Within a batch, the writes no op reads back are deferred and
+sent together, each statement once for all its rows (:meth:`Tx.later`), so a batch
+costs a few round trips however many ops it holds. Reads use a second connection, so
+traces and listings never wait for the writer.
 
 Dialects (``sqlite.py``, ``postgres.py``) hold only what differs: connecting, the DDL
 types, the placeholder style and how to lock rows; every statement lives here or in
@@ -40,7 +42,7 @@ from .records import (
     SpanRecord,
 )
 from .schema import MIGRATIONS, SCHEMA_VERSION
-from .tx import Tx
+from .tx import BatchConflict, Tx
 
 __all__ = ["Store", "Tx"]
 
@@ -347,15 +349,20 @@ class Store(ABC):
             for listener in self._listeners:
                 listener(routes)
 
-    def _apply(self, ops: list[Callable[[Tx], Any]], attempt: int = 0) -> tuple[list[Any], set[str]]:
+    def _apply(self, ops: list[Callable[[Tx], Any]], attempt: int = 0, batching: bool = True,
+               ) -> tuple[list[Any], set[str]]:
         cur = self._local.conn.cursor()
-        tx = Tx(cur, self._convert, self.local_routes, self._flow_lock())
+        # The ops' unread writes are deferred and sent together before commit (Tx.later).
+        # A fence that fails there (BatchConflict) sends each op back here alone and
+        # then, if it is the one, without deferring, so that it sees the real answer.
+        tx = Tx(cur, self._convert, self.local_routes, self._flow_lock(), batching=batching)
         after: list[PrecommitResult] = []
         try:
             self._begin(cur)
             results = [op(tx) for op in ops]
+            tx.flush()  # before the hooks: what they read or claim must see it
             after = [hook(tx) for hook in self._precommit]
-            cur.execute("COMMIT")
+            tx.flush(commit=True)
             for outcome in after:
                 if outcome is not None:
                     outcome[0]()
@@ -369,8 +376,10 @@ class Store(ABC):
             except Exception:  # the connection may be gone; reconnect below
                 self._reconnect_writer()
             if len(ops) == 1:
+                if batching and isinstance(exc, BatchConflict):
+                    return self._apply(ops, attempt, batching=False)
                 if attempt < 2 and self._transient(exc):  # ops are safe to run twice
-                    return self._apply(ops, attempt + 1)
+                    return self._apply(ops, attempt + 1, batching)
                 return [_Failed(self._translate(exc))], set()
             # One op failed: apply each alone, so only the culprit fails.
             results, routes = [], set()

@@ -98,14 +98,16 @@ class Emitter:
         tx = self.tx
         for item in items:
             msg = item.message
-            first = tx.execute(
-                _INSERT_MESSAGE,
-                (msg.id, msg.flow_id, msg.causation_id, msg.kind, msg.type, msg.source, msg.time,
-                 orjson.dumps(msg.payload).decode()),
-            ).rowcount > 0
+            record = (msg.id, msg.flow_id, msg.causation_id, msg.kind, msg.type, msg.source, msg.time,
+                      orjson.dumps(msg.payload).decode())
+            if item.route and self.delivery != "queue":  # a broker's fan-out counts first records only
+                first = tx.execute(_INSERT_MESSAGE, record).rowcount > 0
+            else:
+                first = True
+                tx.later(_INSERT_MESSAGE, record)
             start = item.flow_start
             if start is not None:
-                tx.execute(
+                tx.later(
                     "INSERT INTO ip_flows (flow_id, name, kind, declared, started, deadline, status, "
                     "pending, dead, last_type, updated) VALUES (?, ?, ?, ?, ?, ?, 'running', 0, 0, ?, ?) "
                     "ON CONFLICT DO NOTHING",
@@ -210,7 +212,7 @@ class FlowChanges:
     def apply(self, tx: Tx, now: float) -> None:
         """Write the changes."""
         for flow_id, (pending, dead, last_type) in self._flows.items():
-            tx.execute(
+            tx.later(
                 "UPDATE ip_flows SET pending = pending + ?, dead = dead + ?, "
                 "last_type = COALESCE(?, last_type), updated = ? WHERE flow_id = ?",
                 (pending, dead, last_type, now, flow_id),
@@ -248,22 +250,22 @@ def settle(tx: Tx, s: Settlement, now: float, delivery: Delivery) -> tuple[Settl
 def _settle(tx: Tx, s: Settlement, now: float, delivery: Delivery) -> tuple[SettleResult, Relay]:
     if s.queue_id is not None:
         if s.outcome == "retry":
-            cur = tx.execute(
+            held = tx.expect(
                 "UPDATE ip_queue SET visible_at = ?, lease = NULL WHERE id = ? AND lease = ?",
                 (s.retry_at if s.retry_at is not None else now, s.queue_id, s.lease),
             )
         else:
-            cur = tx.execute("DELETE FROM ip_queue WHERE id = ? AND lease = ?", (s.queue_id, s.lease))
-        if cur.rowcount == 0:
+            held = tx.expect("DELETE FROM ip_queue WHERE id = ? AND lease = ?", (s.queue_id, s.lease))
+        if not held:
             return "stale", []
     changes = FlowChanges()
     result: SettleResult = "applied"
     if s.outcome == "duplicate":
         result = "duplicate"
-    elif s.inbox and tx.execute(
+    elif s.inbox and not tx.expect(
         "INSERT INTO ip_inbox (grp, msg_id, handled_at, reply) VALUES (?, ?, ?, ?) ON CONFLICT DO NOTHING",
         (s.group, s.msg_id, now, s.reply),
-    ).rowcount == 0:
+    ):
         result = "duplicate"
     # The store bus counted every queue row it fanned out, duplicates included; on a
     # broker the deliveries of one id were counted once (see Emitter.route).
@@ -279,6 +281,8 @@ def _settle(tx: Tx, s: Settlement, now: float, delivery: Delivery) -> tuple[Sett
                 s.on_duplicate(bytes(row[0]), emitter)
         changes.apply(tx, now)
         return result, emitter.relay
+    if s.transactions:
+        tx.flush()  # a lost lease or an inbox duplicate shows here, not as the handler's failure
     for fn, args in s.transactions:
         try:
             fn(Transaction(tx), *args)
@@ -286,7 +290,7 @@ def _settle(tx: Tx, s: Settlement, now: float, delivery: Delivery) -> tuple[Sett
             raise _HandlerTransactionFailed(f"{type(exc).__name__}: {exc}") from exc
     if s.span is not None:
         sp = s.span
-        tx.execute(
+        tx.later(
             "INSERT INTO ip_spans (flow_id, msg_id, service, handler, type, started, ended, outcome, "
             "error, attempt) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (sp.flow_id, sp.msg_id, sp.service, sp.handler, sp.type, sp.started, sp.ended, sp.outcome,

@@ -90,12 +90,12 @@ def create_run(em: Emitter, run: RunRow, root: Outgoing) -> tuple[bool, RunRow]:
 
     ``root`` is the run's start record in the trace (and opens its flow).
     """
-    created = em.tx.execute(
+    created = em.tx.expect(
         f"INSERT INTO ip_runs ({RUN_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
         "ON CONFLICT DO NOTHING",
         (run.run_id, run.workflow, run.flow_id, run.parent_run, run.parent_seq, run.status, _json(run.input),
          None, None, None, run.owner, run.lease_until, 0, run.created, run.created, run.epoch),
-    ).rowcount
+    )
     if not created:
         existing = get_run(em.tx, run.run_id)
         assert existing is not None
@@ -149,16 +149,14 @@ def holds(tx: Tx, run_id: str, holder: Holder, now: float) -> bool:
 
 
 def _fence(tx: Tx, run_id: str, holder: Holder, now: float) -> bool:
-    return bool(
-        tx.execute(
-            "UPDATE ip_runs SET updated = ? WHERE run_id = ? AND owner = ? AND epoch = ? AND status = 'running'",
-            (now, run_id, holder[0], holder[1]),
-        ).rowcount
+    return tx.expect(
+        "UPDATE ip_runs SET updated = ? WHERE run_id = ? AND owner = ? AND epoch = ? AND status = 'running'",
+        (now, run_id, holder[0], holder[1]),
     )
 
 
 def _upsert(tx: Tx, e: JournalEntry) -> None:
-    tx.execute(
+    tx.later(
         f"INSERT INTO ip_journal ({_JOURNAL_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
         "ON CONFLICT (run_id, seq) DO UPDATE SET status = excluded.status, data = excluded.data, "
         "error_type = excluded.error_type, error = excluded.error, ended = excluded.ended, "
@@ -170,7 +168,7 @@ def _upsert(tx: Tx, e: JournalEntry) -> None:
 
 def _spans(tx: Tx, spans: Sequence[SpanRecord]) -> None:
     for sp in spans:
-        tx.execute(
+        tx.later(
             "INSERT INTO ip_spans (flow_id, msg_id, service, handler, type, started, ended, outcome, error, "
             "attempt) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (sp.flow_id, sp.msg_id, sp.service, sp.handler, sp.type, sp.started, sp.ended, sp.outcome, sp.error,
@@ -268,17 +266,17 @@ def finish_run(
 ) -> bool:
     """End a run: its status and result, its flow's status, and wake a waiting parent."""
     tx = em.tx
-    ended = tx.execute(
+    ended = tx.expect(
         "UPDATE ip_runs SET status = ?, result = ?, error_type = ?, error = ?, owner = NULL, lease_until = NULL, "
         "updated = ? WHERE run_id = ? AND owner = ? AND epoch = ? AND status = 'running'",
         (status, _json(result), error_type, error, em.now, run.run_id, holder[0], holder[1]),
-    ).rowcount
+    )
     if not ended:
         return False
     tx.routes.add(RUNS_ENDED)
-    tx.execute("DELETE FROM ip_waits WHERE run_id = ?", (run.run_id,))
+    tx.later("DELETE FROM ip_waits WHERE run_id = ?", (run.run_id,))
     if run.flow_id == run.run_id:  # the run opened this flow: the flow ends with it
-        tx.execute(
+        tx.later(
             "UPDATE ip_flows SET status = ?, ended = ?, updated = ? WHERE flow_id = ? AND kind = 'workflow'",
             (status, em.now, em.now, run.flow_id),
         )

@@ -13,6 +13,7 @@ import inspect
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import TYPE_CHECKING, Any
 
 from ..commands import reply_error, reply_result
@@ -451,6 +452,18 @@ def _with_payload(msg: Message, data: Any) -> Message:
 
 
 def _wants_transaction(fn: Callable[..., Any]) -> bool:
+    try:
+        return _cached_wants_transaction(fn)
+    except TypeError:  # unhashable
+        return _first_is_transaction(fn)
+
+
+@lru_cache(maxsize=4096)
+def _cached_wants_transaction(fn: Callable[..., Any]) -> bool:
+    return _first_is_transaction(fn)
+
+
+def _first_is_transaction(fn: Callable[..., Any]) -> bool:
     try:
         params = list(inspect.signature(fn).parameters.values())
     except (TypeError, ValueError):
