@@ -522,6 +522,18 @@ class StoreContract:
         assert await self.emitting(store, lambda em: workflows.write_step(em, ("b", 1), mine))
         assert [(e.seq, e.data) for e in await store.load_journal(run.run_id)] == [(0, {"ok": 1}), (1, {"by": "b"})]
 
+    async def test_journals_of_several_runs_load_in_one_read(self, store: Store) -> None:
+        runs = [new_run("run-" + tag(), owner="a") for _ in range(3)]
+        for run in runs:
+            await self.emitting(store, lambda em, run=run: workflows.create_run(em, run, root_of(run)))
+        for run, steps in zip(runs, (2, 0, 1), strict=True):
+            for seq in range(steps):
+                entry = JournalEntry(run.run_id, seq, "step", f"s{seq}", "completed", data=seq, started=T0, ended=T0)
+                assert await self.emitting(store, lambda em, entry=entry: workflows.write_step(em, ("a", 0), entry))
+        journals = await store.load_journals([r.run_id for r in runs] + ["no-such-run"])
+        assert {k: [(e.seq, e.data) for e in v] for k, v in journals.items()} == {
+            runs[0].run_id: [(0, 0), (1, 1)], runs[1].run_id: [], runs[2].run_id: [(0, 0)], "no-such-run": []}
+
     async def test_a_run_claimed_back_fences_its_old_execution(self, store: Store) -> None:
         # a claims, loses the run to b, claims it back: the writes a still had in flight
         # from its first lease carry the old epoch and are refused, though the owner is a.

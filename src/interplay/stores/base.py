@@ -607,6 +607,10 @@ class Store(ABC):
         """A run's journal."""
         return await self.read(lambda tx: workflows.load_journal(tx, run_id))
 
+    async def load_journals(self, run_ids: Sequence[str]) -> dict[str, list[JournalEntry]]:
+        """Several runs' journals in one read (an orchestrator's claimed runs)."""
+        return await self.read(lambda tx: workflows.load_journals(tx, run_ids))
+
     async def resume_run(self, run_id: str, now: float) -> RunRow | None:
         """Make a parked run claimable again."""
         return await self.write(lambda tx: workflows.resume_run(tx, run_id, now))

@@ -28,6 +28,7 @@ __all__ = [
     "heartbeat",
     "list_runs",
     "load_journal",
+    "load_journals",
     "record_reply",
     "register_wait",
     "release",
@@ -346,6 +347,18 @@ def load_journal(tx: Tx, run_id: str) -> list[JournalEntry]:
         _entry(r)
         for r in tx.all(f"SELECT {_JOURNAL_COLUMNS} FROM ip_journal WHERE run_id = ? ORDER BY seq", (run_id,))
     ]
+
+
+def load_journals(tx: Tx, run_ids: Sequence[str]) -> dict[str, list[JournalEntry]]:
+    """The journals of several runs (each in step order; an empty one for a run without entries)."""
+    journals: dict[str, list[JournalEntry]] = {run_id: [] for run_id in run_ids}
+    for i in range(0, len(run_ids), 500):
+        chunk = run_ids[i:i + 500]
+        marks = ", ".join("?" * len(chunk))
+        for r in tx.all(f"SELECT {_JOURNAL_COLUMNS} FROM ip_journal WHERE run_id IN ({marks}) ORDER BY run_id, seq",
+                        chunk):
+            journals[r[0]].append(_entry(r))
+    return journals
 
 
 def list_runs(tx: Tx, status: str | None, workflow: str | None, limit: int) -> list[RunRow]:

@@ -318,16 +318,16 @@ class Engine(Steps):
                 claimed: list[RunRow] = []
                 if room > 0:
                     claimed = await self.rt.store.claim_runs(self.owner, room, self.rt.clock.now(), opts.run_lease)
-                    for run in claimed:
-                        if run.run_id in self.active:
-                            continue  # still winding down here; the heartbeat releases it to be claimed again
-                        self._claiming.add(run.run_id)
-                        try:
-                            entries = await self.rt.store.load_journal(run.run_id)
+                    # still winding down here: the heartbeat releases such a run to be claimed again
+                    fresh = [run for run in claimed if run.run_id not in self.active]
+                    self._claiming.update(run.run_id for run in fresh)
+                    try:
+                        journals = await self.rt.store.load_journals([run.run_id for run in fresh]) if fresh else {}
+                        for run in fresh:
                             if run.run_id not in self.active:
-                                self.launch(run, {e.seq: e for e in entries})
-                        finally:
-                            self._claiming.discard(run.run_id)
+                                self.launch(run, {e.seq: e for e in journals[run.run_id]})
+                    finally:
+                        self._claiming.difference_update(run.run_id for run in fresh)
             except (StoreError, ConfigurationError) as exc:
                 log.warning("claiming runs failed: %s", exc)
             if len(claimed) == CLAIM_BITE:
