@@ -18,6 +18,16 @@ notification handled):
   round trip: XADD, then per hop XREADGROUP, XACK, XADD to the next stream;
 * ``redis-py batched``: the same hops ``--batch`` orders at a time (pipelined XADDs
   and XACKs, one XREADGROUP per hop) - a ceiling, with nothing durable around it.
+* ``aio-pika batched``: bare aio-pika on RabbitMQ with the broker-side durability of
+  interplay's ``amqp://``: a durable topic exchange, a durable quorum queue per hop,
+  persistent ``mandatory`` messages, publisher confirms. The client and each service
+  have a channel of their own (confirms on, ``--prefetch`` unacked at most); a service's
+  consumer callback only buffers, and what is buffered is handled as one batch: its
+  publishes to the next hop gathered, each awaiting its confirm, then one ``multiple``
+  ack of its last delivery tag once the batches before it are acked (two batches in
+  flight, the next one gathering meanwhile). Durable on the broker, a ceiling for the
+  client: no store, no inbox or outbox, no tracing, no retries or dead-lettering, no
+  reconnects (a plain connection, not a robust one).
 
 Orchestration - a workflow of three ``ctx.call`` commands to three services,
 ``--inflight`` runs at once; runs/s and p50/p99 (start -> result):
@@ -60,9 +70,12 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel
+
+if TYPE_CHECKING:
+    from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractIncomingMessage
 
 REDIS = "redis://127.0.0.1:6379/0"
 AMQP = "amqp://guest:guest@127.0.0.1:5672/"
@@ -70,7 +83,8 @@ NATS = "nats://127.0.0.1:4222"
 BUSES = {"redis://": "redis", "amqp://": "amqp", "nats://": "nats", "sqlite bus": "sqlite"}
 
 CHOREOGRAPHY = [f"choreography: interplay {b}" for b in BUSES] + [
-    "choreography: faststream redis", "choreography: redis-py loop", "choreography: redis-py batched"]
+    "choreography: faststream redis", "choreography: redis-py loop", "choreography: redis-py batched",
+    "choreography: aio-pika batched"]
 ORCHESTRATION = [f"orchestration: interplay {b}" for b in BUSES] + ["orchestration: celery redis"]
 VARIANTS = CHOREOGRAPHY + ORCHESTRATION
 CHOREOGRAPHY_PEER = "choreography: faststream redis"
@@ -415,6 +429,135 @@ def redis_batched(n: int, batch: int) -> dict[str, Any]:
     return result(n, lat, measured, batch=batch)
 
 
+# --- bare aio-pika: the same choreography on RabbitMQ, batched ------------------------
+AMQP_HOPS = (("order.created", "payments"), ("payment.completed", "shipping"), ("shipment.prepared", "notification"))
+
+
+class AmqpHop:
+    """One service of ``aio-pika batched``: buffers what its consumer is handed, handles
+    what was buffered as one batch (the next hop's publishes gathered, every one awaiting
+    its confirm), and acks a batch with ``multiple=True`` on its last delivery tag once its
+    publishes are confirmed and every batch before it is acked (so the ack covers exactly
+    the deliveries handled so far). At most ``DEPTH`` batches are in flight: while they
+    wait for their confirms, the next batch gathers (deliveries come one at a time)."""
+
+    DEPTH = 2
+
+    def __init__(self, exchange: AbstractExchange, next_route: str | None,
+                 done: dict[int, asyncio.Future[float]]) -> None:
+        self.exchange = exchange  # on this service's own channel, confirms on
+        self.next_route = next_route  # None: the last hop, which only acks
+        self.done = done
+        self.buffer: list[AbstractIncomingMessage] = []
+        self.arrived = asyncio.Event()
+        self.next_tag = 1  # the delivery tag the next batch must start with (one channel per hop)
+        self.slots = asyncio.Semaphore(self.DEPTH)
+        self.batches = 0
+
+    async def on_message(self, message: AbstractIncomingMessage) -> None:
+        self.buffer.append(message)
+        self.arrived.set()
+
+    async def run(self) -> None:
+        previous: asyncio.Task[None] | None = None  # the batch before, done once acked
+        while True:
+            await self.slots.acquire()  # released by the batch once acked
+            while not self.buffer:
+                self.arrived.clear()
+                await self.arrived.wait()
+            batch, self.buffer = self.buffer, []
+            tags = [m.delivery_tag for m in batch]
+            if tags != list(range(self.next_tag, self.next_tag + len(batch))):  # a multiple ack would be wrong
+                raise RuntimeError(f"deliveries out of order: expected tags from {self.next_tag}, got {tags[:5]}...")
+            self.next_tag += len(batch)
+            self.batches += 1
+            previous = asyncio.create_task(self.handle(batch, previous))
+            previous.add_done_callback(self.failed)
+
+    def failed(self, task: asyncio.Task[None]) -> None:
+        """A batch failed (or a later one, awaiting it): fail the orders waiting, not just time out."""
+        exc = None if task.cancelled() else task.exception()
+        if exc is not None:
+            for fut in self.done.values():
+                if not fut.done():
+                    fut.set_exception(exc)
+
+    async def handle(self, batch: list[AbstractIncomingMessage], previous: asyncio.Task[None] | None) -> None:
+        from aio_pika import DeliveryMode, Message
+
+        try:
+            orders = [Order.model_validate_json(m.body) for m in batch]
+            if self.next_route is None:
+                for order in orders:
+                    finish(self.done, order.id)
+            else:
+                await asyncio.gather(*(
+                    self.exchange.publish(
+                        Message(order.model_dump_json().encode(), delivery_mode=DeliveryMode.PERSISTENT),
+                        self.next_route, mandatory=True)
+                    for order in orders))
+            if previous is not None:
+                await previous
+            await batch[-1].ack(multiple=True)
+        finally:
+            self.slots.release()
+
+
+async def aio_pika_batched(n: int, concurrency: int, prefetch: int) -> dict[str, Any]:
+    import aio_pika
+    from aio_pika import DeliveryMode, ExchangeType
+
+    name = f"apbench-{uuid.uuid4().hex[:10]}"
+    queues = [f"{name}.{group}" for _, group in AMQP_HOPS]
+    arguments: dict[str, Any] = {"x-queue-type": "quorum"}
+    done: dict[int, asyncio.Future[float]] = {}
+    connection = await aio_pika.connect(AMQP)
+    tasks: list[asyncio.Task[None]] = []
+    channels: list[AbstractChannel] = []  # the services' (consuming) channels
+    try:
+        # on_return_raises: an unroutable (returned) message fails its publish
+        client = await connection.channel(publisher_confirms=True, on_return_raises=True)
+        exchange = await client.declare_exchange(name, ExchangeType.TOPIC, durable=True)
+        for (route, _), queue_name in zip(AMQP_HOPS, queues, strict=True):
+            queue = await client.declare_queue(queue_name, durable=True, arguments=arguments)
+            await queue.bind(exchange, route)
+        hops: list[AmqpHop] = []
+        for k, queue_name in enumerate(queues):
+            channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
+            channels.append(channel)
+            await channel.set_qos(prefetch_count=prefetch)
+            hop = AmqpHop(await channel.get_exchange(name),
+                          AMQP_HOPS[k + 1][0] if k + 1 < len(AMQP_HOPS) else None, done)
+            tasks.append(asyncio.create_task(hop.run()))
+            tasks[-1].add_done_callback(hop.failed)
+            await (await channel.get_queue(queue_name)).consume(hop.on_message, no_ack=False)
+            hops.append(hop)
+
+        async def publish(i: int) -> None:
+            message = aio_pika.Message(Order(id=i).model_dump_json().encode(), delivery_mode=DeliveryMode.PERSISTENT)
+            await exchange.publish(message, AMQP_HOPS[0][0], mandatory=True)
+
+        await drive(min(500, n), concurrency, publish, done, first=-1_000_000)  # warm up
+        batches = [hop.batches for hop in hops]
+        measured, lat = await drive(n, concurrency, publish, done)
+        batches = [hop.batches - before for hop, before in zip(hops, batches, strict=True)]
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        try:
+            for channel in channels:  # stop consuming before the queues go
+                await channel.close()
+            channel = await connection.channel()
+            for queue_name in queues:
+                await channel.queue_delete(queue_name)
+            await channel.exchange_delete(name)
+        finally:
+            await connection.close()
+    mean_batch = "/".join(f"{n / b:.1f}" if b else "-" for b in batches)  # per hop
+    return result(n, lat, measured, prefetch=prefetch, mean_batch=mean_batch)
+
+
 # --- Celery: a 3-task chain on Redis -----------------------------------------------------
 def celery_app(prefix: str) -> Any:
     from celery import Celery
@@ -520,7 +663,7 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
     global server
     variant: str = args.variant
     kind, _, name = variant.partition(": ")
-    server = next((s for s in SERVERS if s in name), None)
+    server = "amqp" if name.startswith("aio-pika") else next((s for s in SERVERS if s in name), None)
     if name.startswith("interplay "):
         bus = BUSES[name.removeprefix("interplay ")]
         with tempfile.TemporaryDirectory() as tmp:
@@ -534,6 +677,8 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
         return redis_loop(args.orders)
     if name == "redis-py batched":
         return redis_batched(args.orders, args.batch)
+    if name == "aio-pika batched":
+        return asyncio.run(aio_pika_batched(args.orders, args.concurrency, args.prefetch))
     if name == "celery redis":
         return celery_chains(args.runs, args.inflight, args.celery_concurrency)
     raise SystemExit(f"unknown variant {variant!r}")
@@ -546,6 +691,7 @@ def run_variant(variant: str, args: argparse.Namespace) -> dict[str, Any] | str:
     runs = args.celery_runs if variant == ORCHESTRATION_PEER else args.runs
     command = [sys.executable, __file__, "--variant", variant, "--orders", str(orders), "--runs", str(runs),
                "--concurrency", str(args.concurrency), "--inflight", str(args.inflight), "--batch", str(args.batch),
+               "--prefetch", str(args.prefetch),
                "--synchronous", args.synchronous, "--celery-concurrency", str(args.celery_concurrency)]
     if args.profile:
         Path(args.profile).mkdir(parents=True, exist_ok=True)
@@ -567,8 +713,8 @@ def run_variant(variant: str, args: argparse.Namespace) -> dict[str, Any] | str:
 
 def available(variant: str) -> str | None:
     """Why a variant cannot run here (a missing driver), else None."""
-    needs = {"nats://": "nats", "amqp://": "aio_pika", "redis": "redis", "faststream": "faststream",
-             "celery": "celery"}
+    needs = {"nats://": "nats", "amqp://": "aio_pika", "aio-pika": "aio_pika", "redis": "redis",
+             "faststream": "faststream", "celery": "celery"}
     for word, module in needs.items():
         if word in variant:
             try:
@@ -640,6 +786,8 @@ def main() -> None:
     parser.add_argument("--celery-runs", type=int, default=1000, help="Celery chains (slower: fewer)")
     parser.add_argument("--inflight", type=int, default=100, help="orchestration: runs in flight")
     parser.add_argument("--batch", type=int, default=100, help="orders per batch of 'redis-py batched'")
+    parser.add_argument("--prefetch", type=int, default=300,
+                        help="unacked messages per service channel of 'aio-pika batched'")
     parser.add_argument("--celery-concurrency", type=int, default=os.cpu_count() or 2,
                         help="Celery worker pool processes (default: the number of cores)")
     parser.add_argument("--synchronous", choices=("full", "normal", "off"), default="full",

@@ -182,6 +182,28 @@ class TransportContract:
         assert again[0].deliveries == 2
         await sub.close()
 
+    async def test_settling_out_of_order_acks_only_what_was_acked(
+        self, connect_bus: Connect, names: dict[str, str]
+    ) -> None:
+        # Later deliveries acked while earlier ones are in progress (RabbitMQ acks runs of
+        # them in one frame): one given back, or still held when its consumer goes away,
+        # must come again; the acked ones must not.
+        t = await connect_bus()
+        sub = await t.subscribe(names["g1"], [names["route"]], lease=LEASE)
+        await t.publish([outgoing(names["route"], n) for n in range(6)])
+        got = await drain(sub, 6, ack=False)
+        by_n = {d.message.payload["n"]: d for d in got if d.message is not None}
+        assert sorted(by_n) == list(range(6))
+        await sub.ack([by_n[1], by_n[2]])  # 0 still in progress
+        await sub.nack(by_n[0], 0)  # given back: 1 and 2 may be acked now, 0 must come again
+        await sub.ack([by_n[4]])  # 3 and 5 still held when the consumer closes
+        await sub.close()
+        other = await (await connect_bus()).subscribe(names["g1"], [names["route"]], lease=LEASE)
+        again = await drain(other, 3, timeout=8 * LEASE)
+        assert sorted(numbers(again)) == [0, 3, 5]
+        assert await other.receive(10, 2 * LEASE) == []
+        await other.close()
+
     async def test_extend_keeps_a_long_handler_lease(self, connect_bus: Connect, names: dict[str, str]) -> None:
         t = await connect_bus()
         sub = await t.subscribe(names["g1"], [names["route"]], lease=LEASE)
