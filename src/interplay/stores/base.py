@@ -5,10 +5,10 @@ go through one writer connection on one thread: callers hand it *ops* (functions
 :class:`Tx`) and every op that arrives while a transaction is committing joins the
 next one. So a hundred handlers finishing at once cost one fsync, not a hundred, and
 each op still commits atomically (an op that fails is retried alone, so it cannot take
-its neighbours down). Within a batch, the writes no op reads back are deferred and
-sent together, each statement once for all its rows (:meth:`Tx.later`), so a batch
-costs a few round trips however many ops it holds. Reads use a second connection, so
-traces and listings never wait for the writer.
+its neighbours down). Over a network (PostgreSQL), the writes no op of a batch reads
+back are deferred and sent together, each statement once for all its rows
+(:meth:`Tx.later`), so a batch costs a few round trips however many ops it holds.
+Reads use a second connection, so traces and listings never wait for the writer.
 
 Dialects (``sqlite.py``, ``postgres.py``) hold only what differs: connecting, the DDL
 types, the placeholder style and how to lock rows; every statement lives here or in
@@ -72,6 +72,10 @@ class Store(ABC):
     """Appended to a claim's row-choosing SELECT: where write transactions run side by side
     (PostgreSQL's ``FOR UPDATE SKIP LOCKED``), competing claims skip each other's rows
     instead of waiting for and then taking them; one writer at a time (SQLite) needs none."""
+    DEFER: ClassVar[bool] = False
+    """Whether a batch defers its unread writes to send them together (:meth:`Tx.later`):
+    worth it where each statement is a network round trip (PostgreSQL), not in process
+    (SQLite, where it was measured no faster and the plain order is simpler)."""
     durable: bool = True
     supports_bus: bool = True
     """Whether the store can also be the bus (its queue table)."""
@@ -352,10 +356,10 @@ class Store(ABC):
     def _apply(self, ops: list[Callable[[Tx], Any]], attempt: int = 0, batching: bool = True,
                ) -> tuple[list[Any], set[str]]:
         cur = self._local.conn.cursor()
-        # The ops' unread writes are deferred and sent together before commit (Tx.later).
-        # A fence that fails there (BatchConflict) sends each op back here alone and
-        # then, if it is the one, without deferring, so that it sees the real answer.
-        tx = Tx(cur, self._convert, self.local_routes, self._flow_lock(), batching=batching)
+        # Where DEFER says so, the ops' unread writes are deferred and sent together before
+        # commit (Tx.later). A fence that fails there (BatchConflict) sends each op back
+        # here alone and then, if it is the one, without deferring: it sees the real answer.
+        tx = Tx(cur, self._convert, self.local_routes, self._flow_lock(), batching=batching and self.DEFER)
         after: list[PrecommitResult] = []
         try:
             self._begin(cur)

@@ -101,6 +101,7 @@ class PostgresStore(Store):
 
     dialect = "postgresql"
     ROW_LOCK = " FOR UPDATE SKIP LOCKED"
+    DEFER = True
 
     CLAIM_SQL = (
         "UPDATE ip_queue SET visible_at = ?, lease = ?, deliveries = deliveries + 1 "
