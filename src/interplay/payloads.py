@@ -64,25 +64,19 @@ def resolve_hints(fn: Any) -> dict[str, Any]:
 
     ``typing.get_type_hints`` fails as a whole when one name is unknown, e.g. a type
     imported inside the function that defines a handler under ``from __future__
-    import annotations``; then each annotation is resolved on its own. Remembered per
-    function (a workflow step asks at every call); the dict returned is shared, so
-    do not change it.
+    import annotations``; then each annotation is resolved on its own. A complete
+    resolution is remembered per function (a workflow step asks at every call), so
+    the dict returned is shared: do not change it.
     """
     try:
-        return _cached_hints(fn)
-    except TypeError:  # unhashable: a callable object that defines __eq__ only
-        return _resolve_hints(fn)
-
-
-@lru_cache(maxsize=4096)
-def _cached_hints(fn: Any) -> dict[str, Any]:
-    return _resolve_hints(fn)
-
-
-def _resolve_hints(fn: Any) -> dict[str, Any]:
+        hash(fn)
+    except TypeError:  # a callable object with __eq__ only: not remembered
+        remember = False
+    else:
+        remember = True
     try:
-        return get_type_hints(fn)
-    except Exception:  # resolve what can be resolved, one by one
+        return _complete_hints(fn) if remember else get_type_hints(fn)
+    except Exception:  # a name not resolvable (yet): resolve the others one by one, each time
         pass
     hints: dict[str, Any] = {}
     namespace = dict(getattr(fn, "__globals__", {}))
@@ -94,6 +88,11 @@ def _resolve_hints(fn: Any) -> dict[str, Any]:
                 continue
         hints[name] = annotation
     return hints
+
+
+@lru_cache(maxsize=4096)
+def _complete_hints(fn: Any) -> dict[str, Any]:
+    return get_type_hints(fn)  # an exception is not cached
 
 
 def describe_validation_error(exc: pydantic.ValidationError, annotation: Any) -> str:

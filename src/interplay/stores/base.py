@@ -42,7 +42,7 @@ from .records import (
     SpanRecord,
 )
 from .schema import MIGRATIONS, SCHEMA_VERSION
-from .tx import BatchConflict, Tx
+from .tx import BatchConflict, Groups, Tx
 
 __all__ = ["Store", "Tx"]
 
@@ -67,7 +67,12 @@ class Store(ABC):
     CLAIM_SQL: ClassVar[str]
     """Leases ready queue rows: params (visible_until, lease, group, now, limit)."""
     CLAIM_RUNS_SQL: ClassVar[str]
-    """Takes over unowned runs: params (owner, lease_until, now, now, limit); returns RUN_COLUMNS."""
+    """Takes over unowned runs: params (owner, lease_until, now, now, now, limit); returns RUN_COLUMNS.
+
+    A run is unowned when its owner's lease lapsed. The run's own ``lease_until`` (what
+    its last claim got) is checked too: under READ COMMITTED a claim that meets a run
+    claimed since its snapshot re-checks that row's columns but not ``ip_leases``,
+    where the new owner's lease is not visible to it yet."""
     ROW_LOCK: ClassVar[str] = ""
     """Appended to a claim's row-choosing SELECT: where write transactions run side by side
     (PostgreSQL's ``FOR UPDATE SKIP LOCKED``), competing claims skip each other's rows
@@ -357,14 +362,20 @@ class Store(ABC):
                ) -> tuple[list[Any], set[str]]:
         cur = self._local.conn.cursor()
         # Where DEFER says so, the ops' unread writes are deferred and sent together before
-        # commit (Tx.later). A fence that fails there (BatchConflict) sends each op back
-        # here alone and then, if it is the one, without deferring: it sees the real answer.
-        tx = Tx(cur, self._convert, self.local_routes, self._flow_lock(), batching=batching and self.DEFER)
+        # commit (Tx.later). Ops whose fences fail there (BatchConflict) run again alone,
+        # without deferring, so that they see the real answer; the others again together.
+        send = self._send_groups if batching and self.DEFER else None
+        tx = Tx(cur, self._convert, self.local_routes, self._flow_lock(), send_groups=send)
         after: list[PrecommitResult] = []
         try:
             self._begin(cur)
-            results = [op(tx) for op in ops]
-            tx.flush()  # before the hooks: what they read or claim must see it
+            results = []
+            for i, op in enumerate(ops):
+                tx.op = i
+                results.append(op(tx))
+            # Before the hooks, so that a failed fence shows here and not inside a hook
+            # (one that raises has not handed back its rollback callback yet).
+            tx.flush()
             after = [hook(tx) for hook in self._precommit]
             tx.flush(commit=True)
             for outcome in after:
@@ -380,20 +391,40 @@ class Store(ABC):
             except Exception:  # the connection may be gone; reconnect below
                 self._reconnect_writer()
             if len(ops) == 1:
-                if batching and isinstance(exc, BatchConflict):
+                if send is not None and isinstance(exc, BatchConflict):
                     return self._apply(ops, attempt, batching=False)
                 if attempt < 2 and self._transient(exc):  # ops are safe to run twice
                     return self._apply(ops, attempt + 1, batching)
                 return [_Failed(self._translate(exc))], set()
-            # One op failed: apply each alone, so only the culprit fails.
-            results, routes = [], set()
-            for op in ops:
-                single, single_routes = self._apply([op])
-                results.extend(single)
+            # Run the culprits alone: those a fence named, else every op (one failed).
+            alone = exc.ops if isinstance(exc, BatchConflict) else set(range(len(ops)))
+            out: list[Any] = [None] * len(ops)
+            routes: set[str] = set()
+            rest = [i for i in range(len(ops)) if i not in alone]
+            if rest:
+                together, routes = self._apply([ops[i] for i in rest])
+                for i, result in zip(rest, together, strict=True):
+                    out[i] = result
+            for i in sorted(alone):
+                (out[i],), single_routes = self._apply([ops[i]], batching=not isinstance(exc, BatchConflict))
                 routes |= single_routes
-            return results, routes
+            return out, routes
         finally:
             cur.close()
+
+    def _send_groups(self, cur: Any, groups: Groups, commit: bool) -> list[int | list[int]]:
+        """Send deferred writes (see :data:`~interplay.stores.tx.SendGroups`); a dialect that
+        can pipeline them sends them in one round trip instead of one per row."""
+        counts: list[int | list[int]] = []
+        for sql, rows, per_row in groups:
+            each = []
+            for row in rows:
+                cur.execute(sql, row)
+                each.append(int(cur.rowcount))
+            counts.append(each if per_row else sum(each))
+        if commit:
+            cur.execute("COMMIT")
+        return counts
 
     def _reconnect_writer(self) -> None:
         old = self._local.conn

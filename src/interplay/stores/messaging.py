@@ -16,7 +16,7 @@ import orjson
 from ..message import Message
 from ..transports.base import reply_route
 from .records import ClaimedRow, DeadLetter, DeadLetterRecord, OutboxRow, Outgoing, Settlement
-from .tx import Transaction, Tx
+from .tx import BatchConflict, Transaction, Tx
 
 __all__ = [
     "SettleResult",
@@ -286,6 +286,8 @@ def _settle(tx: Tx, s: Settlement, now: float, delivery: Delivery) -> tuple[Sett
     for fn, args in s.transactions:
         try:
             fn(Transaction(tx), *args)
+        except BatchConflict:
+            raise  # not the handler's failure: the store runs this settlement again alone
         except Exception as exc:  # the handler's own SQL failed: the handling failed
             raise _HandlerTransactionFailed(f"{type(exc).__name__}: {exc}") from exc
     if s.span is not None:

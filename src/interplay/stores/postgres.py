@@ -55,7 +55,7 @@ from psycopg.conninfo import conninfo_to_dict
 
 from ..errors import ConfigurationError, StoreError
 from .base import Store
-from .tx import Tx
+from .tx import Groups, Tx
 from .workflows import RUN_COLUMNS
 
 __all__ = ["PostgresStore"]
@@ -112,8 +112,8 @@ class PostgresStore(Store):
     CLAIM_RUNS_SQL = (
         "UPDATE ip_runs SET owner = ?, lease_until = ?, status = 'running', updated = ?, epoch = epoch + 1 "
         "WHERE run_id IN (SELECT run_id FROM ip_runs r WHERE status IN ('pending', 'running') "
-        "AND (owner IS NULL OR NOT EXISTS (SELECT 1 FROM ip_leases l WHERE l.owner = r.owner "
-        "AND l.lease_until >= ?)) ORDER BY created LIMIT ? FOR UPDATE SKIP LOCKED) "
+        "AND (owner IS NULL OR (lease_until < ? AND NOT EXISTS (SELECT 1 FROM ip_leases l WHERE l.owner = r.owner "
+        "AND l.lease_until >= ?))) ORDER BY created LIMIT ? FOR UPDATE SKIP LOCKED) "
         f"RETURNING {RUN_COLUMNS}"
     )
 
@@ -214,6 +214,10 @@ class PostgresStore(Store):
 
     def _paramstyle(self, sql_text: str) -> str:
         return _SQL_TOKENS.sub(_convert_token, sql_text)
+
+    def _send_groups(self, cur: Any, groups: Groups, commit: bool) -> list[int | list[int]]:
+        """All of a batch's deferred writes in one round trip (see :meth:`_Cursor.execute_groups`)."""
+        return list(cur.execute_groups(groups, commit=commit))
 
     def _flow_lock(self) -> Callable[[Tx, str, bool], None]:
         """Dialect hook behind ``Tx.lock_flow`` (for the core change proposed in issue 5)."""
@@ -394,36 +398,36 @@ class _Cursor:
             self._first(lambda cur: cur.execute(query, params))
         return self
 
-    def execute_groups(self, groups: Sequence[tuple[str, Sequence[Sequence[Any]]]], *, commit: bool = False,
-                       ) -> list[int]:
-        """Run each statement for each of its rows, all in one round trip; rows changed per statement.
+    def execute_groups(self, groups: Groups, *, commit: bool = False) -> list[int | list[int]]:
+        """Run each statement for each of its rows, all in one round trip (libpq pipeline).
 
-        With ``commit``, ``COMMIT`` goes in the same round trip.
+        Returns the rows changed per statement: a count per row where a group asks for
+        them (a fence), else the sum. With ``commit``, ``COMMIT`` goes in the same round trip.
         """
-        cursors: list[psycopg.Cursor[Any]] = []
+        cursors: list[tuple[psycopg.Cursor[Any], bool]] = []
 
         def queue(first: psycopg.Cursor[Any]) -> None:  # inside a pipeline: sent, not waited for
             conn = first.connection
-            cursors.clear()
-            for sql_text, rows in groups:
+            for sql_text, rows, per_row in groups:
                 cur = conn.cursor()
+                cursors.append((cur, per_row))
                 if len(rows) == 1:
                     cur.execute(sql_text, rows[0])
                 else:
-                    cur.executemany(sql_text, rows)
-                cursors.append(cur)
+                    cur.executemany(sql_text, rows, returning=per_row)
             if commit:
                 first.execute("COMMIT")
 
-        if self._cur is None:
-            self._first(queue, pipeline=True, retry=not commit)
-        else:
-            with self._cur.connection.pipeline():
-                queue(self._cur)
-        counts = [cur.rowcount for cur in cursors]
-        for cur in cursors:
-            cur.close()
-        return counts
+        try:
+            if self._cur is None:
+                self._first(queue, pipeline=True, retry=not commit)
+            else:
+                with self._cur.connection.pipeline():
+                    queue(self._cur)
+            return [_counts(cur) if per_row else cur.rowcount for cur, per_row in cursors]
+        finally:
+            for cur, _ in cursors:
+                cur.close()
 
     def _first(self, run: Callable[[psycopg.Cursor[Any]], Any], *, pipeline: bool = False, retry: bool = True,
                ) -> None:
@@ -462,6 +466,7 @@ class _Cursor:
 
     def executemany(self, query: Any, rows: Iterable[Sequence[Any]]) -> None:
         """Run a statement for each row of parameters."""
+        rows = list(rows)  # a first statement may be sent twice (on a new connection)
         if self._cur is None:
             self._first(lambda cur: cur.executemany(query, rows))
         else:
@@ -487,6 +492,14 @@ class _Cursor:
         if self._cur is not None:
             with contextlib.suppress(Exception):  # a broken connection's cursor
                 self._cur.close()
+
+
+def _counts(cur: psycopg.Cursor[Any]) -> list[int]:
+    """Rows changed by each execution of an ``executemany(..., returning=True)``."""
+    counts = [cur.rowcount]
+    while cur.nextset():
+        counts.append(cur.rowcount)
+    return counts
 
 
 def _convert_token(match: re.Match[str]) -> str:

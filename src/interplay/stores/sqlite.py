@@ -39,8 +39,8 @@ class SqliteStore(Store):
     CLAIM_RUNS_SQL = (
         "UPDATE ip_runs SET owner = ?, lease_until = ?, status = 'running', updated = ?, epoch = epoch + 1 "
         "WHERE run_id IN (SELECT run_id FROM ip_runs r WHERE status IN ('pending', 'running') "
-        "AND (owner IS NULL OR NOT EXISTS (SELECT 1 FROM ip_leases l WHERE l.owner = r.owner "
-        "AND l.lease_until >= ?)) ORDER BY created LIMIT ?) "
+        "AND (owner IS NULL OR (lease_until < ? AND NOT EXISTS (SELECT 1 FROM ip_leases l WHERE l.owner = r.owner "
+        "AND l.lease_until >= ?))) ORDER BY created LIMIT ?) "
         f"RETURNING {RUN_COLUMNS}"
     )
 

@@ -10,14 +10,37 @@ __all__ = ["BatchConflict", "Transaction", "Tx"]
 _VERB_ORDER = {"INSERT": 0, "UPDATE": 1, "DELETE": 2}
 
 
+Groups = list[tuple[str, list[Sequence[Any]], bool]]
+"""Deferred writes to send: (sql, rows, whether each row's count is wanted)."""
+SendGroups = Callable[[Any, Groups, bool], list[int | list[int]]]
+"""How a store sends groups (cursor, groups, then COMMIT?): per group, the rows changed
+(a list, one count per row, where asked for)."""
+
+
 class BatchConflict(Exception):
-    """A deferred fence (:meth:`Tx.expect`) found its row changed: the batch must run op by op."""
+    """Deferred fences (:meth:`Tx.expect`) found their rows changed; ``ops`` are the
+    indexes (:attr:`Tx.op`) of the ops that wrote them: those must run again alone."""
+
+    def __init__(self, sql: str, ops: set[int]) -> None:
+        super().__init__(f"{len(ops)} op(s) fenced out by: {sql}")
+        self.ops = ops
+
+
+class _Deferred:
+    """The rows of one deferred statement, and for a fence the op of each row."""
+
+    __slots__ = ("expect", "ops", "rows")
+
+    def __init__(self, expect: bool) -> None:
+        self.expect = expect
+        self.rows: list[Sequence[Any]] = []
+        self.ops: list[int] = []
 
 
 class Tx:
     """The view of one transaction that an op gets (runs on the store's thread)."""
 
-    __slots__ = ("_convert", "_deferred", "_lock_flow", "cur", "local_routes", "routes", "waits")
+    __slots__ = ("_convert", "_deferred", "_lock_flow", "_send", "cur", "local_routes", "op", "routes", "waits")
 
     def __init__(
         self,
@@ -26,13 +49,16 @@ class Tx:
         local_routes: set[str] | None = None,
         lock_flow: Callable[[Tx, str, bool], None] | None = None,
         *,
-        batching: bool = False,
+        send_groups: SendGroups | None = None,
     ) -> None:
         self.cur = cur
         self._convert = convert
         self._lock_flow = lock_flow
-        # sql -> (expect, rows), in order of first use; None: statements run at once
-        self._deferred: dict[str, tuple[bool, list[Sequence[Any]]]] | None = {} if batching else None
+        self._send = send_groups
+        # sql -> its deferred rows, in order of first use; None: statements run at once
+        self._deferred: dict[str, _Deferred] | None = {} if send_groups is not None else None
+        self.op = 0
+        """The index, in its batch, of the op running (set by the store; names fenced-out ops)."""
         self.routes: set[str] = set()
         """Routes that received queue rows in this transaction (to wake consumers)."""
         self.local_routes: set[str] = local_routes if local_routes is not None else set()
@@ -90,12 +116,12 @@ class Tx:
             self._defer(sql, params, False)
 
     def expect(self, sql: str, params: Sequence[Any] = ()) -> bool:
-        """A write that must change exactly one row (a fence); True if it did.
+        """A write that must change exactly one row (a fence on a key); True if it did.
 
         In a batch it is deferred like :meth:`later` and True is assumed; if it then
         changes no row, :meth:`flush` raises :class:`BatchConflict` and the store runs
-        the batch's ops one by one, where this returns the real answer. So an op may
-        branch on False only to give up (its writes are then not kept anyway).
+        that op again alone, where this returns the real answer. So an op may branch
+        on False only to give up (its writes are then not kept anyway).
         """
         if self._deferred is None:
             return bool(self.execute(sql, params).rowcount)
@@ -104,11 +130,14 @@ class Tx:
 
     def _defer(self, sql: str, params: Sequence[Any], expect: bool) -> None:
         assert self._deferred is not None
-        entry = self._deferred.get(sql)
-        if entry is None:
-            self._deferred[sql] = (expect, [params])
-        else:
-            entry[1].append(params)
+        group = self._deferred.get(sql)
+        if group is None:
+            group = self._deferred[sql] = _Deferred(expect)
+        elif group.expect != expect:
+            raise ValueError(f"a statement is either a fence (expect) or not (later): {sql}")
+        group.rows.append(params)
+        if expect:
+            group.ops.append(self.op)
 
     def flush(self, *, commit: bool = False) -> None:
         """Run the deferred writes (see :meth:`later`); with ``commit``, then ``COMMIT``.
@@ -116,34 +145,29 @@ class Tx:
         Raises:
             BatchConflict: an :meth:`expect` write changed no row (nothing is committed).
         """
-        deferred = self._deferred or {}
-        self._deferred = {} if self._deferred is not None else None
-        if commit and any(expect for expect, _ in deferred.values()):
-            self._run(deferred, commit=False)  # check the fences before committing
-            self.cur.execute("COMMIT")
-        else:
-            self._run(deferred, commit=commit)
-
-    def _run(self, deferred: dict[str, tuple[bool, list[Sequence[Any]]]], *, commit: bool) -> None:
-        ordered = sorted(deferred.items(), key=_verb_rank)
-        groups = [(self._convert(sql), rows) for sql, (_, rows) in ordered]
-        run_groups = getattr(self.cur, "execute_groups", None)  # a driver that sends them all at once
-        if run_groups is not None:
-            counts = run_groups(groups, commit=commit)
-        else:
-            counts = [self._run_group(*g) for g in groups]
+        deferred = self._deferred
+        if not deferred:
             if commit:
                 self.cur.execute("COMMIT")
-        for (sql, (expect, rows)), count in zip(ordered, counts, strict=True):
-            if expect and count != len(rows):
-                raise BatchConflict(sql)
-
-    def _run_group(self, sql: str, rows: list[Sequence[Any]]) -> int:
-        if len(rows) == 1:
-            self.cur.execute(sql, rows[0])
-        else:
-            self.cur.executemany(sql, rows)
-        return int(self.cur.rowcount)
+            return
+        self._deferred = {}
+        ordered = sorted(deferred.items(), key=_verb_rank)
+        fences = any(group.expect for _, group in ordered)
+        groups = [(self._convert(sql), group.rows, group.expect) for sql, group in ordered]
+        assert self._send is not None
+        counts = self._send(self.cur, groups, commit and not fences)  # fences are checked before COMMIT
+        conflicts: set[int] = set()
+        fenced_by = ""
+        for (sql, group), count in zip(ordered, counts, strict=True):
+            if group.expect and isinstance(count, list):
+                failed = {op for op, n in zip(group.ops, count, strict=True) if n != 1}
+                if failed:
+                    conflicts |= failed
+                    fenced_by = fenced_by or sql
+        if conflicts:
+            raise BatchConflict(fenced_by, conflicts)
+        if commit and fences:
+            self.cur.execute("COMMIT")
 
 
 def _verb_rank(item: tuple[str, Any]) -> int:

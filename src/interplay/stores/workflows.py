@@ -118,7 +118,7 @@ def _renew(tx: Tx, owner: str, until: float) -> None:
 def claim_runs(tx: Tx, claim_sql: str, owner: str, limit: int, now: float, lease: float) -> list[RunRow]:
     """Take over runs nobody owns (new, or whose owner's lease lapsed)."""
     _renew(tx, owner, now + lease)  # what we claim is ours only while our lease holds
-    rows = tx.all(claim_sql, (owner, now + lease, now, now, limit))
+    rows = tx.all(claim_sql, (owner, now + lease, now, now, now, limit))
     return [run_row(r) for r in rows]
 
 
@@ -145,8 +145,11 @@ def holds(tx: Tx, run_id: str, holder: Holder, now: float) -> bool:
     """Whether ``holder`` still holds the run (and locks it for this transaction).
 
     Check it before doing anything in the run's name: every write of a step is fenced.
+    In a batch this sends the deferred writes now, so the answer is the real one.
     """
-    return _fence(tx, run_id, holder, now)
+    held = _fence(tx, run_id, holder, now)
+    tx.flush()
+    return held
 
 
 def _fence(tx: Tx, run_id: str, holder: Holder, now: float) -> bool:

@@ -91,19 +91,24 @@ class StoreBus(Transport):
                 req.taken = PENDING
         if not wanted:
             return None
-        claimed = [
-            (req, messaging.claim(tx, self.store.CLAIM_SQL, req.subscription.group, req.limit, self._clock.now(),
-                                  req.subscription.lease))
-            for req in wanted
-        ]
-
-        def committed() -> None:
-            for req, rows in claimed:
-                req.taken = rows
 
         def rolled_back() -> None:
             for req in wanted:
                 req.taken = None
+
+        try:
+            claimed = [
+                (req, messaging.claim(tx, self.store.CLAIM_SQL, req.subscription.group, req.limit, self._clock.now(),
+                                      req.subscription.lease))
+                for req in wanted
+            ]
+        except BaseException:  # the store never gets our callbacks: undo the marks here
+            rolled_back()
+            raise
+
+        def committed() -> None:
+            for req, rows in claimed:
+                req.taken = rows
 
         return committed, rolled_back
 

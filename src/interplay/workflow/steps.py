@@ -23,7 +23,7 @@ from ..payloads import resolve_hints, to_json
 from ..stores import workflows as ops
 from ..stores.messaging import Emitter
 from ..stores.records import JournalEntry, Outgoing, RunRow, SpanRecord
-from ..stores.tx import Transaction
+from ..stores.tx import BatchConflict, Transaction
 from ..transports.base import reply_route
 from .context import SUB, ChildHandle, args_digest, step_failed
 
@@ -239,6 +239,8 @@ class Steps:
                 data = to_json(fn(Transaction(tx), *args))
                 tx.execute("RELEASE SAVEPOINT ip_step")
                 failure: tuple[str, str] | None = None
+            except BatchConflict:
+                raise  # not the step's failure: the store runs this op again alone
             except Exception as exc:  # the step's own writes are undone; the failure is journaled
                 tx.execute("ROLLBACK TO SAVEPOINT ip_step")
                 tx.execute("RELEASE SAVEPOINT ip_step")
@@ -251,12 +253,14 @@ class Steps:
                          None if failure is None else f"{failure[0]}: {failure[1]}")
             if not ops.write_step(em, state.run.holder, entry, [record], [span]):
                 return False, None, None, None
-            state.journal[key] = entry
+            written.append(entry)  # the last attempt's is the one committed
             return True, data, failure and failure[0], failure and failure[1]
 
+        written: list[JournalEntry] = []
         (ok, data, error_type, error), _ = await self.rt.store.emitting(self._now(), self.rt.delivery_mode, op)
         if not ok:
             raise LeaseLost(state.run.run_id)
+        state.journal[key] = written[-1]
         if error_type is not None:
             raise StepFailed(name, error_type, error or "")
         return data
