@@ -7,6 +7,7 @@ a database of its own, dropped at the end; each test gets a schema of its own.
 from __future__ import annotations
 
 import asyncio
+import threading
 from collections.abc import Iterator
 from typing import Any
 
@@ -25,7 +26,7 @@ from interplay.testing import wait_until
 
 from .. import pg
 from ..servers import require
-from .store_contract import T0, StoreContract, event, out, tag
+from .store_contract import T0, StoreContract, event, occupy_writers, out, tag
 
 
 @pytest.fixture(scope="session")
@@ -145,6 +146,41 @@ async def test_writer_and_reader_reconnect_after_their_connections_drop(store: P
     with pytest.raises(StoreError):
         await store.read(reader_killed)
     assert (await store.read(lambda tx: tx.one("SELECT current_schema()")))[0] == schema
+
+
+async def test_a_batch_whose_commit_is_cut_off_fails_instead_of_running_again(pg_url: str) -> None:
+    # The connection dies in the round trip that carries COMMIT: whether it committed is
+    # unknown, so the batch's ops must fail (their callers retry, idempotently), not run
+    # again one by one - a rerun could apply one twice or answer "stale" to a winner.
+    s = PostgresStore(pg_url + "&writers=1")
+    await s.open()
+    kills = []
+
+    def cut_once(tx: Tx) -> None:
+        if len(kills) < 1 and tx.routes:
+            kills.append(True)  # in the COMMIT round trip, before COMMIT
+            tx.later("SELECT pg_terminate_backend(pg_backend_pid())")
+
+    s.add_precommit_hook(cut_once)
+    try:
+        group = "g-" + tag()
+        await s.declare_routes(group, ["event.x"])  # so the publishes' transaction has routes
+        gate = threading.Event()
+        blocking = await occupy_writers(s, 1, gate)
+        writes = [s.publish([out(event("order.created", payload={"n": n}), route="event.x")], T0, "queue")
+                  for n in range(3)]
+        pending = asyncio.gather(*writes, return_exceptions=True)
+        await wait_until(lambda: s._queue.qsize() >= len(writes), message="the publishes queued")
+        gate.set()
+        await blocking
+        results = await pending
+        assert all(isinstance(r, StoreError) and "outcome unknown" in str(r) for r in results), results
+        assert kills == [True]
+        # Cut before its COMMIT, that batch left nothing; the writer reconnected and goes on.
+        await s.publish([out(event("order.created"), route="event.x")], T0, "queue")
+        assert len(await s.claim(group, 10, T0, 30)) == 1
+    finally:
+        await s.close()
 
 
 async def test_ops_fail_with_store_error_while_the_server_is_unreachable(pg_url: str) -> None:

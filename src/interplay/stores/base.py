@@ -136,6 +136,10 @@ class Store(ABC):
         """Whether a transaction that failed with ``exc`` may just run again (a deadlock victim)."""
         return False
 
+    def _cut_off(self, exc: Exception) -> bool:
+        """Whether ``exc`` means the connection was lost (so a COMMIT sent may have committed)."""
+        return False
+
     def _share_reader(self) -> bool:
         """True when reads must use the writer's connection (an in-memory database)."""
         return False
@@ -367,6 +371,7 @@ class Store(ABC):
         send = self._send_groups if batching and self.DEFER else None
         tx = Tx(cur, self._convert, self.local_routes, self._flow_lock(), send_groups=send)
         after: list[PrecommitResult] = []
+        committing = False
         try:
             self._begin(cur)
             results = []
@@ -377,12 +382,14 @@ class Store(ABC):
             # (one that raises has not handed back its rollback callback yet).
             tx.flush()
             after = [hook(tx) for hook in self._precommit]
+            committing = True
             tx.flush(commit=True)
             for outcome in after:
                 if outcome is not None:
                     outcome[0]()
             return results, tx.routes
         except Exception as exc:
+            in_doubt = committing and self._cut_off(exc)  # asked before reconnecting
             for outcome in after:
                 if outcome is not None:
                     outcome[1]()
@@ -390,6 +397,12 @@ class Store(ABC):
                 cur.execute("ROLLBACK")
             except Exception:  # the connection may be gone; reconnect below
                 self._reconnect_writer()
+            if in_doubt:
+                # The COMMIT may have gone through: running the ops again could apply
+                # them twice (fan-out rows), or tell them a lie ("stale", "exists").
+                err = StoreError(f"store commit outcome unknown (connection lost): {exc}")
+                err.__cause__ = exc
+                return [_Failed(err)] * len(ops), set()
             if len(ops) == 1:
                 if send is not None and isinstance(exc, BatchConflict):
                     return self._apply(ops, attempt, batching=False)

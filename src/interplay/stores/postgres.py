@@ -212,6 +212,10 @@ class PostgresStore(Store):
         """Deadlock victims and serialization failures may just run again (for the base's retry)."""
         return isinstance(exc, psycopg.errors.DeadlockDetected | psycopg.errors.SerializationFailure)
 
+    def _cut_off(self, exc: Exception) -> bool:
+        """A connection that broke (server restart, network cut): its last COMMIT is in doubt."""
+        return isinstance(exc, psycopg.OperationalError) and bool(self._local.conn.conn.closed)
+
     def _paramstyle(self, sql_text: str) -> str:
         return _SQL_TOKENS.sub(_convert_token, sql_text)
 
