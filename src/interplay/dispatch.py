@@ -193,6 +193,12 @@ class Consumer:
             err = f"service {self.group!r} has no handler for {what}"
             await self._fail(d, msg, None, "no_handler", "NoHandler", err, started)
             return
+        limit = self.rt.options.max_deliveries
+        if limit and d.deliveries > max(limit, handler.retry.attempts):
+            # A poison message: whatever it does to its handler never got it settled.
+            err = f"delivered {d.deliveries} times without being settled (its handler dies or hangs)"
+            await self._fail(d, msg, handler, "too_many_deliveries", "DeliveryLimit", err, started)
+            return
         try:
             payload = handler.payload.validate(msg.payload)
         except ValidationFailed as exc:

@@ -60,6 +60,12 @@ class RuntimeOptions:
     Handlers running longer keep their lease by heartbeat."""
     receive_timeout: float = 1.0
     """How long one receive call waits for messages."""
+    max_deliveries: int = 20
+    """A message delivered more often than this (or than its handler's retry attempts,
+    if more) without being settled - its handler crashes the process, or outlives its
+    lease, every time - is dead-lettered (``too_many_deliveries``) instead of run again.
+    0: never. At RabbitMQ's ``delivery_limit`` (20) or below, so the store's DLQ gets such
+    a message before RabbitMQ's own does."""
     shutdown_grace: float = 10.0
     """Seconds handlers in flight may finish when the runtime stops."""
     inbox_retention: float = 7 * 24 * 3600.0
