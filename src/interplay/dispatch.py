@@ -230,7 +230,11 @@ class Consumer:
             self.group, msg.id, msg.flow_id, "ok", inbox=True, reply=stored_reply,
             span=self._span(msg, handler, started, "ok", None, d.deliveries), transactions=ctx.transactions,
         )
-        if await self._settle(d, settlement, emits) == "failed":
+        settled = await self._settle(d, settlement, emits)
+        if settled == "too_large":  # an emitted message the bus will never take: no retry helps
+            _, _, error = (settlement.failure or "").partition(": ")
+            await self._fail(d, msg, handler, "emit_too_large", "MessageTooLarge", error, started)
+        elif settled == "failed":
             # The handler's own transaction raised: the handling failed after all.
             error_type, _, error = (settlement.failure or "Error: ").partition(": ")
             if d.deliveries < handler.retry.attempts:
@@ -371,6 +375,9 @@ class Consumer:
                 m.headers.update(trace)
             rt.instrumentation.published(m)
         settlement.emits = [topology.outgoing(m) for m in emits]
+        if settlement.outcome == "ok" and (why := rt.too_large(settlement.emits)) is not None:
+            settlement.failure = f"MessageTooLarge: {why}"
+            return "too_large"  # nothing committed: the handling fails instead (see _handle)
         for out in settlement.emits:
             if out.route in rt.store.local_routes and is_workflow_reply(out.message):
                 # The calling workflow runs in this process: journal its step's result in

@@ -30,6 +30,7 @@ __all__ = [
     "InterplayError",
     "InvalidMessage",
     "MessageDecodeError",
+    "MessageTooLarge",
     "NonDeterminismError",
     "NotFound",
     "Reject",
@@ -77,6 +78,10 @@ class Reject(InterplayError):
 
 class TransportError(InterplayError):
     """The bus failed: connection lost, publish not confirmed, broker refused."""
+
+
+class MessageTooLarge(TransportError):
+    """A message larger than the bus ever takes: refused before anything was stored."""
 
 
 class StoreError(InterplayError):

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from .clock import Clock, SystemClock
 from .commands import reply_result
 from .dispatch import Consumer
-from .errors import ConfigurationError, NotFound, StepTimeout, StoreError, TransportError
+from .errors import ConfigurationError, MessageTooLarge, NotFound, StepTimeout, StoreError, TransportError
 from .message import Message, new_id
 from .outbox import OutboxRelay
 from .payloads import to_json
@@ -257,8 +257,26 @@ class Runtime:
         await self.send([topology.outgoing(msg, flow_start=start)])
         return msg.flow_id
 
+    def too_large(self, outgoing: Sequence[Outgoing]) -> str | None:
+        """Why the bus would never take one of these messages (too large), or None."""
+        limit = self.transport.body_limit()
+        if limit is None:
+            return None
+        for out in outgoing:
+            if len(out.body) > limit:
+                msg = out.message
+                return (f"{msg.kind} {msg.type!r} is {len(out.body)} bytes; the bus takes at most {limit} "
+                        "(raise its limit, or send a reference to the data)")
+        return None
+
     async def send(self, outgoing: Sequence[Outgoing]) -> None:
-        """Commit messages (trace + queue or outbox) and hand them to the bus."""
+        """Commit messages (trace + queue or outbox) and hand them to the bus.
+
+        Raises:
+            MessageTooLarge: the bus would refuse one of them for good; nothing is stored.
+        """
+        if (why := self.too_large(outgoing)) is not None:
+            raise MessageTooLarge(why)
         relay = await self.store.publish(outgoing, self.clock.now(), self.delivery_mode)
         await self.relay(relay, raise_errors=self.delivery_mode == "direct")
 

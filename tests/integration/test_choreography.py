@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from interplay import App, Context, NotFound, Retry, Runtime
+from interplay import App, Context, MessageTooLarge, NotFound, Retry, Runtime
 from interplay.message import Message
 from interplay.stores.records import Outgoing
 from interplay.testing import wait_until
@@ -249,6 +249,31 @@ async def test_a_message_never_settled_is_dead_lettered_after_max_deliveries(bus
     assert calls == [1, 2]
     assert [(d.reason, d.attempts) for d in dead] == [("too_many_deliveries", 3)]
     assert flow.status == "failed"
+
+
+@pytest.mark.buses("nats")  # the bus with a size it always refuses past (max_payload, 1 MiB here)
+async def test_a_message_too_large_for_the_bus_is_refused_before_it_is_stored(bus: Bus) -> None:
+    # Committed to the outbox, it would be relayed and refused forever; refused before
+    # the commit, the publisher gets a clear error and a handler's handling fails.
+    app = App("big")
+
+    @app.service("worker").on("task.created", emits="task.done")
+    async def inflate(task: dict[str, Any]) -> dict[str, Any]:
+        return {"blob": "x" * (2 << 20)}
+
+    async with bus.run(app) as rt:
+        with pytest.raises(MessageTooLarge, match=r"event 'task.created' is \d+ bytes; the bus takes at most"):
+            await rt.publish("task.created", {"blob": "y" * (2 << 20)})
+        flow_id = await rt.publish("task.created", {"n": 1})
+        await wait_until(lambda: dead_letters(rt, 1), message="the dead letter")
+        await rt.settled()
+        dead = await rt.dlq()
+        flow = await rt.trace(flow_id)
+        stored = await rt.store.read(lambda tx: (tx.one("SELECT COUNT(*) FROM ip_outbox")[0],
+                                                 tx.one("SELECT COUNT(*) FROM ip_messages")[0]))
+    assert [(d.reason, d.error.split(":")[0]) for d in dead] == [("emit_too_large", "MessageTooLarge")]
+    assert flow.status == "failed"
+    assert [int(n) for n in stored] == [0, 1]  # no outbox row left; only the small order.created
 
 
 async def test_retry_succeeds_before_the_limit(bus: Bus) -> None:

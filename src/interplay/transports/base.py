@@ -176,6 +176,13 @@ class Transport(ABC):
     async def subscribe(self, group: str, routes: Sequence[str], *, lease: float) -> Subscription:
         """Start consuming ``group`` (declaring it for ``routes`` if needed)."""
 
+    def body_limit(self) -> int | None:
+        """The largest message body the bus takes, where it has a limit it will always
+        refuse past (NATS's ``max_payload``); None where none is known. The runtime
+        refuses larger messages before committing them, instead of leaving them in the
+        outbox for a relay that can never publish them."""
+        return None
+
     async def publish_to_group(self, group: str, route: str, body: bytes) -> None:
         """Deliver one message to a single group only (DLQ replay)."""
         raise NotImplementedError(f"{type(self).__name__} cannot deliver to a single group")

@@ -244,6 +244,13 @@ class NatsTransport(Transport):
         """The largest message body the server accepts (its max_payload, less headers)."""
         return self._connection().max_payload - _HEADER_ROOM
 
+    def body_limit(self) -> int | None:
+        """:attr:`max_body` while connected (None when not: the publish itself checks then)."""
+        try:
+            return self.max_body
+        except TransportError:
+            return None
+
     def _connection(self) -> Client:
         if self._nc is None or self._nc.is_closed:
             raise TransportError("the nats:// transport is not open")
