@@ -401,18 +401,9 @@ class Store(StoreOperations):
             cur.close()
 
     def _send_groups(self, cur: Any, groups: Groups, commit: bool) -> list[int | list[int]]:
-        """Send deferred writes (see :data:`~interplay.stores.tx.SendGroups`); a dialect that
-        can pipeline them sends them in one round trip instead of one per row."""
-        counts: list[int | list[int]] = []
-        for sql, rows, per_row in groups:
-            each = []
-            for row in rows:
-                cur.execute(sql, row)
-                each.append(int(cur.rowcount))
-            counts.append(each if per_row else sum(each))
-        if commit:
-            cur.execute("COMMIT")
-        return counts
+        """Send deferred writes (see :data:`~interplay.stores.tx.SendGroups`), in as few round
+        trips as the driver allows: the hook of a dialect that sets ``DEFER``."""
+        raise NotImplementedError(f"{type(self).__name__} sets DEFER but cannot send deferred writes")
 
     def _reconnect_writer(self) -> None:
         old = self._local.conn

@@ -346,10 +346,7 @@ def park_run(tx: Tx, run: RunRow, holder: Holder, error_type: str, error: str, n
 
 def load_journal(tx: Tx, run_id: str) -> list[JournalEntry]:
     """A run's journal in step order."""
-    return [
-        _entry(r)
-        for r in tx.all(f"SELECT {_JOURNAL_COLUMNS} FROM ip_journal WHERE run_id = ? ORDER BY seq", (run_id,))
-    ]
+    return load_journals(tx, [run_id])[run_id]
 
 
 def load_journals(tx: Tx, run_ids: Sequence[str]) -> dict[str, list[JournalEntry]]:
