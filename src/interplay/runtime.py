@@ -64,8 +64,8 @@ class RuntimeOptions:
     """A message delivered more often than this (or than its handler's retry attempts,
     if more) without being settled - its handler crashes the process, or outlives its
     lease, every time - is dead-lettered (``too_many_deliveries``) instead of run again.
-    0: never. At RabbitMQ's ``delivery_limit`` (20) or below, so the store's DLQ gets such
-    a message before RabbitMQ's own does."""
+    0: never. (A message RabbitMQ dead-letters at its own ``delivery_limit`` first comes
+    back with its count, so it lands here all the same.)"""
     shutdown_grace: float = 10.0
     """Seconds handlers in flight may finish when the runtime stops."""
     inbox_retention: float = 7 * 24 * 3600.0

@@ -17,7 +17,6 @@ import pytest
 
 from interplay.clock import SystemClock
 from interplay.errors import ConfigurationError, TransportError
-from interplay.testing import wait_until
 from interplay.transports import open_transport
 from interplay.transports.amqp import AmqpOptions, AmqpTransport, delay_level, redact
 from interplay.transports.base import Transport
@@ -168,9 +167,11 @@ class TestAmqpTransport(TransportContract):
         with pytest.raises(TransportError, match="has no queue"):
             await t.publish_to_group(f"nobody-{uuid.uuid4().hex[:6]}", "event.x", b"{}")
 
-    async def test_poison_message_lands_in_the_broker_dlq_after_the_delivery_limit(
+    async def test_a_message_over_the_delivery_limit_comes_back_to_its_group_from_the_broker_dlq(
         self, names: dict[str, str]
     ) -> None:
+        # RabbitMQ dead-letters it into :dlq; the transport hands it back to its group,
+        # its delivery count carried on, for the runtime to dead-letter into the store.
         t = AmqpTransport(amqp_url(self.exchange, delivery_limit=2))
         await t.open(SystemClock())
         self.opened.append(t)
@@ -179,21 +180,36 @@ class TestAmqpTransport(TransportContract):
             poison = outgoing(names["route"], 13)
             await t.publish([poison])
             seen = []
-            while batch := await sub.receive(1, 1.0):  # a consumer that keeps dying on it
-                seen.append(batch[0].deliveries)
-                await sub.nack(batch[0], 0)
+            for _ in range(3):  # a consumer that keeps dying on it
+                (delivery,) = await sub.receive(1, 5.0)
+                seen.append(delivery.deliveries)
+                await sub.nack(delivery, 0)
             assert seen == [1, 2, 3]  # delivery_limit=2: two redeliveries, then the DLX
-            found: list[bytes] = []
-
-            async def in_dlq() -> bool:
-                found.extend(await dlq_bodies(t))
-                return bool(found)
-
-            await wait_until(in_dlq, timeout=5, message="poison message in the :dlq queue")
-            assert found == [poison.body]
+            (back,) = await sub.receive(1, 10.0)
+            assert (back.body, back.deliveries, back.route) == (poison.body, 4, names["route"])
+            await sub.ack([back])
             await sub.close()
         finally:
             await t.close()
+        assert await dlq_bodies(t) == []
+
+    async def test_a_dead_letter_of_no_group_of_the_exchange_stays_in_the_broker_dlq(self) -> None:
+        t = AmqpTransport(amqp_url(self.exchange))
+        await t.open(SystemClock())
+        self.opened.append(t)
+        try:
+            await t.subscribe("g1", ["event.x"], lease=10)  # starts the dead-letter consumer
+            connection = await aio_pika.connect(BROKER)
+            try:
+                channel = await connection.channel(publisher_confirms=True)
+                dlx = await channel.get_exchange(f"{self.exchange}:dlx", ensure=False)
+                await dlx.publish(aio_pika.Message(b"foreign", delivery_mode=aio_pika.DeliveryMode.PERSISTENT), "")
+            finally:
+                await connection.close()
+            await asyncio.sleep(0.5)  # time for the consumer to take it (and keep it)
+        finally:
+            await t.close()
+        assert await dlq_bodies(t) == [b"foreign"]
 
     async def test_unreachable_broker_is_a_transport_error(self) -> None:
         t = AmqpTransport(f"amqp://guest:guest@{HOST}:1/?exchange={self.exchange}&connect_timeout=2")

@@ -1,13 +1,18 @@
-"""The order app the choreography tests run: payments, shipping, notification, orders."""
+"""The apps the choreography tests run: the order flow, and a poison message's."""
 
 from __future__ import annotations
 
+import asyncio
 from collections import Counter
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel
 
-from interplay import App, Context, Failure, Reject
+from interplay import App, Context, Failure, Reject, Retry
+from interplay.testing import wait_until
+
+if TYPE_CHECKING:
+    from ..buses import Bus
 
 
 class Order(BaseModel):
@@ -53,3 +58,30 @@ def order_app(calls: Counter[str], seen: Counter[tuple[str, int]] | None = None)
 
     app.flow("order", starts="order.created", ends="shipment.prepared", fails="payment.failed", within=60)
     return app
+
+
+def poison_app(calls: list[int]) -> App:
+    """A worker whose handler never returns, as if ``task.created`` killed its process.
+
+    ``calls`` gets the attempt number of each run.
+    """
+    app = App("poison")
+
+    @app.service("worker").on("task.created", retry=Retry(attempts=1))
+    async def hangs(task: dict[str, Any], ctx: Context) -> None:
+        calls.append(ctx.attempt)
+        await asyncio.Event().wait()
+
+    return app
+
+
+async def die_holding_poison(bus: Bus, calls: list[int], times: int, /, **options: Any) -> str:
+    """Publish ``task.created`` to a :func:`poison_app`; ``times`` runtimes in turn take it
+    and stop holding it (``options`` go to ``bus.run``). Returns its flow's id."""
+    app = poison_app(calls)
+    flow_id = ""
+    for held in range(1, times + 1):
+        async with bus.run(app, **options) as rt:
+            flow_id = flow_id or await rt.publish("task.created", {"n": 1})
+            await wait_until(lambda held=held: len(calls) == held, timeout=30, message=f"delivery {held}")
+    return flow_id

@@ -10,15 +10,17 @@ from __future__ import annotations
 import asyncio
 from collections import Counter
 from collections.abc import Awaitable, Callable
+from typing import Any
 from urllib.parse import urlencode, urlsplit, urlunsplit
 
 import pytest
 
+from interplay import Runtime
 from interplay.testing import wait_until
 
 from ..buses import Bus
 from ..servers import SERVERS
-from .apps import Order, order_app
+from .apps import Order, die_holding_poison, order_app, poison_app
 
 pytestmark = [pytest.mark.needs("amqp"), pytest.mark.buses("amqp")]
 
@@ -157,3 +159,26 @@ async def test_connection_drops_lose_nothing_and_emit_each_event_once(bus: Bus) 
 
 async def _async_equals(probe: Callable[[], Awaitable[int]], value: int) -> bool:
     return await probe() == value
+
+
+async def test_a_message_rabbitmq_dead_lettered_is_dead_lettered_into_the_store(bus: Bus) -> None:
+    # RabbitMQ's delivery limit (1) below the runtime's max_deliveries (2): RabbitMQ
+    # dead-letters the poison message first, into its :dlq. It must not stay there,
+    # unseen by `interplay dlq`: the next runtime gets it back and dead-letters it.
+    assert isinstance(bus.target, str)
+    calls: list[int] = []
+    options: dict[str, Any] = {
+        "bus": bus.target + "&delivery_limit=1", "lease": 1.0, "max_deliveries": 2, "shutdown_grace": 0.1,
+    }
+    flow_id = await die_holding_poison(bus, calls, 2, **options)
+    async with bus.run(poison_app(calls), **options) as rt:
+        await wait_until(lambda: _has_dead_letters(rt), timeout=30, message="the dead letter in the store")
+        dead = await rt.dlq()
+        flow = await rt.trace(flow_id)
+    assert calls == [1, 2]
+    assert [(d.reason, d.attempts) for d in dead] == [("too_many_deliveries", 3)]
+    assert flow.status == "failed"
+
+
+async def _has_dead_letters(rt: Runtime) -> bool:
+    return bool(await rt.dlq())

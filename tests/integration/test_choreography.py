@@ -15,7 +15,7 @@ from interplay.stores.records import Outgoing
 from interplay.testing import wait_until
 
 from ..buses import Bus
-from .apps import Order, order_app
+from .apps import Order, die_holding_poison, order_app, poison_app
 
 ROUTE = "event.order.created"
 JUNK = [b"\x00\xff garbage", b'{"v": 1, "kind": "event"}', b"\x80\x04\x95pickle"]  # no envelope
@@ -228,21 +228,10 @@ async def test_retries_back_off_then_dead_letter_with_on_error(bus: Bus) -> None
 async def test_a_message_never_settled_is_dead_lettered_after_max_deliveries(bus: Bus) -> None:
     # A poison message: its handler never returns, as if it killed its process each
     # time. Two processes stop holding it; the third dead-letters it unhandled.
-    app = App("poison")
     calls: list[int] = []
-
-    @app.service("worker").on("task.created", retry=Retry(attempts=1))
-    async def hangs(task: dict[str, Any], ctx: Context) -> None:
-        calls.append(ctx.attempt)
-        await asyncio.Event().wait()
-
     options: dict[str, Any] = {"lease": 1.0, "max_deliveries": 2, "shutdown_grace": 0.1}
-    flow_id = ""
-    for held in (1, 2):
-        async with bus.run(app, **options) as rt:
-            flow_id = flow_id or await rt.publish("task.created", {"n": 1})
-            await wait_until(lambda held=held: len(calls) == held, timeout=30, message=f"delivery {held}")
-    async with bus.run(app, **options) as rt:
+    flow_id = await die_holding_poison(bus, calls, 2, **options)
+    async with bus.run(poison_app(calls), **options) as rt:
         await wait_until(lambda: dead_letters(rt, 1), timeout=30, message="the dead letter")
         dead = await rt.dlq()
         flow = await rt.trace(flow_id)
