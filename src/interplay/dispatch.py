@@ -55,6 +55,11 @@ class Consumer:
         self._running: dict[str, asyncio.Event] = {}  # message id -> done, for in-flight duplicates
         self.handled = 0
 
+    @property
+    def inflight(self) -> int:
+        """Deliveries being handled right now (each holds one of ``prefetch`` slots)."""
+        return len(self._inflight)
+
     async def start(self) -> None:
         """Subscribe and start receiving."""
         opts = self.rt.options

@@ -11,10 +11,8 @@ was lost come back after their lease and the inbox skips them.
 from __future__ import annotations
 
 import asyncio
-import os
 import shutil
 import signal
-import socket
 from pathlib import Path
 
 import pytest
@@ -25,7 +23,7 @@ from interplay.examples.orders import Order, app
 from interplay.testing import wait_until
 from interplay.transports.redis import RedisTransport
 
-from ..servers import IN_CI
+from .outage import at_least, count, free_port, need_server
 
 pytestmark = pytest.mark.slow
 
@@ -35,16 +33,7 @@ REDIS_SERVER = shutil.which("redis-server") or "/usr/bin/redis-server"
 
 @pytest.fixture(autouse=True)
 def _redis_server_installed() -> None:
-    if not os.access(REDIS_SERVER, os.X_OK):
-        if IN_CI:
-            pytest.fail(f"{REDIS_SERVER} is not installed, and CI is set: tests may not skip for a missing service")
-        pytest.skip(f"{REDIS_SERVER} is not installed")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    need_server(Path(REDIS_SERVER))
 
 
 class RedisServer:
@@ -90,14 +79,6 @@ class RedisServer:
             except TimeoutError:
                 self.proc.kill()
                 await self.proc.wait()
-
-
-async def count(rt: Runtime, sql: str) -> int:
-    return int(await rt.store.read(lambda tx: tx.one(sql)[0]))
-
-
-async def at_least(rt: Runtime, sql: str, n: int) -> bool:
-    return await count(rt, sql) >= n
 
 
 async def outbox_empty(rt: Runtime) -> bool:

@@ -96,7 +96,7 @@ def _status(rt: Runtime) -> Table:
     table.add_column("handled", justify="right")
     table.add_column("in flight", justify="right")
     for name, consumer in rt.consumers.items():
-        table.add_row(name, str(consumer.handled), str(len(consumer._inflight)))
+        table.add_row(name, str(consumer.handled), str(consumer.inflight))
     return table
 
 

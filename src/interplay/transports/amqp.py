@@ -53,9 +53,10 @@ import math
 import os
 import socket
 from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Iterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from contextlib import asynccontextmanager, contextmanager, suppress
 from dataclasses import dataclass, fields
+from functools import partial
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
@@ -184,6 +185,7 @@ class AmqpTransport(Transport):
         declared_queues: names of the queues this transport declared (tools and
             tests use it to clean up what they made).
         declared_exchanges: likewise for exchanges.
+        reconnects: how many times the connection was re-established.
     """
 
     scheme = "amqp"
@@ -207,6 +209,7 @@ class AmqpTransport(Transport):
         self._unroutable: set[str] = set()
         self.declared_queues: set[str] = set()
         self.declared_exchanges: set[str] = set()
+        self.reconnects = 0
 
     def __repr__(self) -> str:
         return f"<AmqpTransport {self.safe_url} exchange={self.options.exchange!r}>"
@@ -258,7 +261,13 @@ class AmqpTransport(Transport):
             await dlq.bind(self._dlx, "", robust=False)
 
     def _reconnected(self, connection: AbstractRobustConnection | None, /) -> None:
+        self.reconnects += 1
         log.info("reconnected to %s; consumers resume", self.safe_url)
+
+    @property
+    def connected(self) -> bool:
+        """Whether the connection to RabbitMQ is up right now."""
+        return self._connection is not None and self._connection.connected.is_set()
 
     async def _declare_exchange(self, name: str, kind: ExchangeType) -> None:
         assert self._publisher is not None
@@ -401,14 +410,20 @@ class AmqpTransport(Transport):
         except TransportError as exc:
             log.warning("%s: %s; retrying", self._dlq, exc)
             await asyncio.sleep(self.options.reconnect_interval)
-            with suppress(*_DRIVER_ERRORS, ChannelInvalidStateError):
-                await message.reject(requeue=True)
+            await self._quietly(partial(message.reject, requeue=True), "returning a dead letter to :dlq")
             return
         if returned:
             self._orphan(group, "its group has no queue")
             return
-        with suppress(*_DRIVER_ERRORS, ChannelInvalidStateError):  # unacked: handed back twice, dropped once
-            await message.ack()
+        await self._quietly(message.ack, "acking a dead letter handed back")  # if not: handed back twice
+
+    async def _quietly(self, action: Callable[[], Awaitable[Any]], what: str) -> None:
+        """Settle a :dlq message; if that fails, its channel's end gives it back anyway."""
+        try:
+            async with self._talking(what):
+                await action()
+        except (TransportError, ChannelInvalidStateError) as exc:
+            log.debug("%s failed: %s", what, exc)
 
     def _orphan(self, group: str, why: str) -> None:
         if group not in self._orphans:
@@ -643,7 +658,7 @@ class _AmqpSubscription(Subscription):
 
     async def _give_back(self, message: AbstractIncomingMessage) -> None:
         try:
-            await self._settle(message.reject(requeue=True), "returning an expired lease")
+            await self._settle(message, partial(message.reject, requeue=True), "returning an expired lease")
         except TransportError as exc:
             log.info("%s: %s (RabbitMQ redelivers it when the channel closes)", self.group, exc)
 
@@ -653,24 +668,29 @@ class _AmqpSubscription(Subscription):
             held.timer.cancel()
         return held
 
-    async def _settle(self, action: Awaitable[Any], what: str) -> None:
+    async def _settle(
+        self, message: AbstractIncomingMessage, action: Callable[[], Awaitable[Any]], what: str
+    ) -> None:
+        """Ack or reject ``message``, waiting at most ``timeout``: aiormq never wakes a
+        settle queued on a connection that died meanwhile."""
         try:
-            with _translated(f"{what} on {self._queue.name!r}"):
-                await action
-        except TransportError as exc:
-            if isinstance(exc.__cause__, ChannelInvalidStateError):
-                # The channel that delivered it is gone, and with it the delivery:
-                # RabbitMQ has put the message back already (the inbox drops the copy).
-                log.debug("%s: %s after its channel closed; it will be redelivered", self.group, what)
+            if _channel_open(message):
+                async with self.transport._talking(f"{what} on {self._queue.name!r}"):
+                    await action()
                 return
-            raise
+        except TransportError as exc:
+            if _channel_open(message) and not isinstance(exc.__cause__, ChannelInvalidStateError):
+                raise
+        # The channel that delivered it is gone, and with it the delivery:
+        # RabbitMQ has put the message back already (the inbox drops the copy).
+        log.debug("%s: %s after its channel closed; it will be redelivered", self.group, what)
 
     async def ack(self, deliveries: Sequence[Delivery]) -> None:
         """Acknowledge; a delivery whose lease already expired is left alone (it was given back)."""
         for d in deliveries:
             held = self._release(d)
             if held is not None:
-                await self._settle(held.message.ack(), "acking")
+                await self._settle(held.message, held.message.ack, "acking")
 
     async def nack(self, delivery: Delivery, delay: float) -> None:
         """Give the message back now, or after ``delay`` through a delay queue.
@@ -683,7 +703,7 @@ class _AmqpSubscription(Subscription):
         if held is None:
             return  # lease already lost; the message was (or will be) redelivered anyway
         if delay <= 0:
-            await self._settle(held.message.reject(requeue=True), "rejecting")
+            await self._settle(held.message, partial(held.message.reject, requeue=True), "rejecting")
             return
         route = delivery.route or held.message.routing_key or ""
         try:
@@ -692,7 +712,7 @@ class _AmqpSubscription(Subscription):
         except TransportError:
             self._hold(delivery.handle, held.message, self.lease)  # so it still comes back
             raise
-        await self._settle(held.message.ack(), "acking a delayed message")
+        await self._settle(held.message, held.message.ack, "acking a delayed message")
 
     async def extend(self, deliveries: Sequence[Delivery], lease: float) -> None:
         """Push the lease of these deliveries ``lease`` seconds from now."""

@@ -1,0 +1,135 @@
+"""A broker restart mid-run, the same for every broker whose server a test runs itself.
+
+The order flow (interplay.examples.orders) runs on a broker server of the test's own,
+with a SQLite store. While it is busy the server is stopped; orders published during
+the outage stay in the store's outbox; the server comes back on the same port and data
+directory. Without any help from the test, publishers and consumers must recover: every
+order completes, nothing is lost, every event is emitted exactly once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from pathlib import Path
+from typing import Any, Protocol
+
+import pytest
+
+from interplay import Runtime
+from interplay.examples.orders import Order, app
+from interplay.testing import wait_until
+
+from ..servers import IN_CI
+
+BEFORE = 300  # orders published while the server runs
+DURING = 50  # orders published while it is down
+OPTIONS: dict[str, Any] = {"lease": 2.0, "outbox_grace": 0.5, "outbox_relay_interval": 0.2}
+"""Short leases and relays keep the recovery within the test's time."""
+
+
+class BrokerServer(Protocol):
+    """A broker server process of the test's own, restartable on the same port and data."""
+
+    def start(self) -> None: ...
+    def ready(self) -> bool: ...
+    def stop(self) -> None: ...
+
+
+class Reconnecting(Protocol):
+    """What the test reads off the transport: the connection's state, and its reconnects."""
+
+    @property
+    def connected(self) -> bool: ...
+    @property
+    def reconnects(self) -> int: ...
+
+
+def need_server(binary: Path) -> None:
+    """Skip (locally) or fail (in CI) when the broker's server binary is not installed."""
+    if not binary.exists():
+        if IN_CI:
+            pytest.fail(f"{binary} is not installed, and CI is set: tests may not skip for a missing service")
+        pytest.skip(f"{binary} is not installed")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+async def restart_mid_run(server: BrokerServer, bus: str, store: Path, *, startup: float = 15) -> None:
+    """Run the scenario on ``bus`` (served by ``server``, started; stopped on return) and
+    check the outcome.
+
+    ``bus`` should time publishes out quickly, so that those during the outage end up in
+    the outbox instead of waiting for the server.
+    """
+    try:
+        await wait_until(server.ready, timeout=startup, message="broker ready")
+        async with app.run(bus=bus, store=f"sqlite:///{store}", **OPTIONS) as rt:
+            transport: Reconnecting = rt.transport  # type: ignore[assignment]
+            flow_ids = list(await asyncio.gather(
+                *(rt.publish("order.created", Order(id=i, amount=1 + i % 50)) for i in range(BEFORE))
+            ))
+            completed = "SELECT COUNT(*) FROM ip_flows WHERE status = 'completed'"
+            await wait_until(lambda: at_least(rt, completed, BEFORE // 10), timeout=30, interval=0.002)
+
+            server.stop()
+            done_at_stop = await count(rt, completed)
+            await wait_until(lambda: not transport.connected, message="runtime noticed the outage")
+            flow_ids += await asyncio.gather(
+                *(rt.publish("order.created", Order(id=i, amount=5)) for i in range(BEFORE, BEFORE + DURING))
+            )
+            stranded = await count(rt, "SELECT COUNT(*) FROM ip_outbox")
+
+            server.start()  # same port, same data directory
+            await wait_until(server.ready, timeout=startup, message="broker ready again")
+            for flow_id in flow_ids:
+                summary = await rt.wait_flow(flow_id, timeout=30)
+                assert summary.status == "completed", summary
+            await wait_until(lambda: at_most(rt, "SELECT COUNT(*) FROM ip_outbox", 0), timeout=30,
+                             message="outbox drained")
+            # every handling came to an end: none hangs on a settle the outage cut off,
+            # holding one of its service's prefetch slots for good
+            await wait_until(lambda: not any(c.inflight for c in rt.consumers.values()), timeout=10,
+                             message="no handler left in flight")
+
+            duplicated = await rt.store.read(lambda tx: tx.all(
+                "SELECT flow_id, type, COUNT(*) FROM ip_messages GROUP BY flow_id, type HAVING COUNT(*) > 1"
+            ))
+            per_type = dict(await rt.store.read(
+                lambda tx: tx.all("SELECT type, COUNT(*) FROM ip_messages GROUP BY type")
+            ))
+            inbox = dict(await rt.store.read(lambda tx: tx.all("SELECT grp, COUNT(*) FROM ip_inbox GROUP BY grp")))
+            dead = await rt.dlq()
+            redelivered = await count(rt, "SELECT COUNT(*) FROM ip_spans WHERE attempt > 1")
+            reconnects = transport.reconnects
+    finally:
+        server.stop()
+    total = BEFORE + DURING
+    print(f"stopped with {done_at_stop}/{BEFORE} flows done; {stranded} publishes waited in the outbox; "
+          f"{redelivered} handlings were redeliveries")
+    assert done_at_stop < BEFORE, "every flow finished before the outage: the test proved nothing"
+    assert stranded > 0, "no publish met the outage: the test proved nothing"
+    assert reconnects >= 1
+    assert duplicated == [], "an event was emitted more than once"
+    assert per_type == {
+        "order.created": total, "payment.completed": total, "shipment.prepared": total,
+        "customer.notified": total,
+    }
+    assert inbox == {"payments": total, "shipping": total, "notification": total}
+    assert dead == []
+
+
+async def count(rt: Runtime, sql: str) -> int:
+    return int(await rt.store.read(lambda tx: tx.one(sql)[0]))
+
+
+async def at_least(rt: Runtime, sql: str, n: int) -> bool:
+    return await count(rt, sql) >= n
+
+
+async def at_most(rt: Runtime, sql: str, n: int) -> bool:
+    return await count(rt, sql) <= n
