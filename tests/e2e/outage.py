@@ -10,7 +10,6 @@ order completes, nothing is lost, every event is emitted exactly once.
 from __future__ import annotations
 
 import asyncio
-import socket
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -51,12 +50,6 @@ def need_server(binary: Path) -> None:
         if IN_CI:
             pytest.fail(f"{binary} is not installed, and CI is set: tests may not skip for a missing service")
         pytest.skip(f"{binary} is not installed")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 async def restart_mid_run(server: BrokerServer, bus: str, store: Path, *, startup: float = 15) -> None:

@@ -15,7 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from .outage import free_port, need_server, restart_mid_run
+from ..pg import free_port
+from .outage import need_server, restart_mid_run
 
 pytestmark = pytest.mark.slow
 

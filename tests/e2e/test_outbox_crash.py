@@ -36,8 +36,9 @@ from interplay.testing import wait_until
 from ..buses import delete_redis_keys, server_url
 from ..pg import free_port
 from ..servers import require
+from .outage import need_server
 from .outbox_app import Order, app
-from .test_nats_broker_outage import NATS_SERVER, need_nats_server
+from .test_nats_broker_outage import NATS_SERVER
 
 pytestmark = pytest.mark.slow
 
@@ -90,7 +91,7 @@ async def nats_broker(tmp_path: Path) -> AsyncIterator[Broker]:
     """A nats-server of the test's own (JetStream) with two users: one is denied the event's subject."""
     import nats
 
-    need_nats_server()
+    need_server(NATS_SERVER)
     port, stream = free_port(), "OUTBOX"
     subject = f"{stream}.{EVENT_ROUTE}"  # the subjects of a named stream start with its name
     config = tmp_path / "nats.conf"

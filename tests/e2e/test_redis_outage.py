@@ -23,7 +23,8 @@ from interplay.examples.orders import Order, app
 from interplay.testing import wait_until
 from interplay.transports.redis import RedisTransport
 
-from .outage import at_least, count, free_port, need_server
+from ..pg import free_port
+from .outage import at_least, count, need_server
 
 pytestmark = pytest.mark.slow
 
