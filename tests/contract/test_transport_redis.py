@@ -313,7 +313,7 @@ async def test_a_refused_publish_fails_only_its_caller(bus: RedisTransport, pref
         await client.set(prefix + bad, "not a stream")  # XADD to it: WRONGTYPE, for that message only
     finally:
         await client.aclose()
-    # Concurrent callers share one pipeline; the refusal is about one message of one caller.
+    # Concurrent callers share one round trip; the refusal is about one message of one caller.
     results = await asyncio.gather(
         *(bus.publish([outgoing(route, n)]) for n in range(5)),
         bus.publish([outgoing(bad, 99)]),

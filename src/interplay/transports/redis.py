@@ -18,8 +18,8 @@ stream; every ``lease / 4`` (at most 5 s) ``XAUTOCLAIM`` entries idle for a whol
 in turns, up to ``max_messages`` (a multi-stream ``XREADGROUP`` applies ``COUNT`` per
 stream and would hand out more than asked). With nothing to read, the consumer blocks
 in ``XREAD`` after the group's last-delivered ids - woken by new entries without taking
-any - for at most a second. Acks (``XACK``) and publishes (``XADD``) of concurrent
-callers share pipelines.
+any - for at most a second. Concurrent callers share round trips: acks (``XACK``)
+one pipeline, publishes (``XADD NOMKSTREAM``) one script call.
 
 Delivery count: the pending-entries list (PEL) counts deliveries and ``XAUTOCLAIM``
 raises it, so a claimed entry reports its PEL count (``XPENDING``, in the same script);
@@ -231,6 +231,21 @@ redis.call('DEL', KEYS[1], KEYS[2], KEYS[3])
 return 1
 """
 
+# KEYS: a stream per message. ARGV: the bodies. One round trip and one reply for a batch
+# (a pipeline of XADDs costs redis-py a command to pack and a reply to read per message).
+# Per message: its entry id, 0 where the stream does not exist (NOMKSTREAM), or "!" and
+# the error Redis refused it with.
+_PUBLISH = """
+local out = {}
+for i = 1, #KEYS do
+  local r = redis.pcall('XADD', KEYS[i], 'NOMKSTREAM', '*', 'body', ARGV[i])
+  if type(r) == 'table' and r.err then out[i] = '!' .. r.err
+  elseif not r then out[i] = 0
+  else out[i] = r end
+end
+return out
+"""
+
 _MAX_BLOCK = 1.0  # seconds one XREAD may block: below socket_timeout, and keeps sweeps on time
 _IDLE_CONSUMER_MS = 3_600_000
 
@@ -275,6 +290,15 @@ def _parse_url(url: str) -> _Options:
     except ValueError as exc:
         raise ConfigurationError(f"bad option in bus URL {url!r}: {exc}") from None
     return _Options(urlunsplit(parts._replace(query=urlencode(rest))), ours.get("prefix", "ip:"), trim, timeout)
+
+
+def _xadd_result(reply: Any) -> Any:
+    """One message's reply from the publish script: entry id, None (no stream) or the error."""
+    if reply == 0:
+        return None
+    if isinstance(reply, bytes) and reply.startswith(b"!"):
+        return ResponseError(reply[1:].decode(errors="replace"))
+    return reply
 
 
 class _Refused(TransportError):
@@ -395,7 +419,7 @@ class RedisTransport(Transport):
             health_check_interval=15,
         )
         for name, source in (("poll", _POLL), ("move", _MOVE), ("nack", _NACK), ("extend", _EXTEND),
-                             ("release", _RELEASE), ("trim", _TRIM), ("drop", _DROP)):
+                             ("release", _RELEASE), ("trim", _TRIM), ("drop", _DROP), ("publish", _PUBLISH)):
             self._scripts[name] = self._redis.register_script(source)
         try:
             with _translated("connect"):
@@ -479,7 +503,7 @@ class RedisTransport(Transport):
 
     # ------------------------------------------------------------------ publishing
     async def publish(self, batch: Sequence[Outgoing]) -> None:
-        """``XADD`` every message in one pipeline (shared with concurrent publishers)."""
+        """``XADD`` every message in one script call (shared with concurrent publishers)."""
         if batch:
             await self._publishes.submit([(out.route, out.body) for out in batch])
 
@@ -503,13 +527,10 @@ class RedisTransport(Transport):
             raise _Refused(f"redis: publish failed: {next(iter(refused.values()))}", refused)
 
     async def _xadd_all(self, items: list[tuple[str, bytes]]) -> list[Any]:
-        """XADD each item in one pipeline; per item, its entry id, None (no stream) or the error."""
+        """XADD each item in one script call; per item, its entry id, None (no stream) or the error."""
         with _translated("publish"):
-            async with self.redis.pipeline(transaction=False) as pipe:
-                for route, body in items:
-                    pipe.xadd(self.stream_key(route), {"body": body}, nomkstream=True)
-                results: list[Any] = await pipe.execute(raise_on_error=False)
-        return results
+            replies = await self._script("publish", [self.stream_key(r) for r, _ in items], [b for _, b in items])
+        return [_xadd_result(reply) for reply in replies]
 
     async def publish_to_group(self, group: str, route: str, body: bytes) -> None:
         """``XADD`` to the group's direct stream."""
