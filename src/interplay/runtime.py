@@ -65,7 +65,7 @@ class RuntimeOptions:
     if more) without being settled - its handler crashes the process, or outlives its
     lease, every time - is dead-lettered (``too_many_deliveries``) instead of run again.
     0: never. (A message RabbitMQ dead-letters at its own ``delivery_limit`` first comes
-    back with its count, so it lands here all the same.)"""
+    back with its count, so it lands here all the same; see ``interplay.transports.amqp_dlq``.)"""
     shutdown_grace: float = 10.0
     """Seconds handlers in flight may finish when the runtime stops."""
     inbox_retention: float = 7 * 24 * 3600.0

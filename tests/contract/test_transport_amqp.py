@@ -11,14 +11,18 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterable
+from typing import Any
 
 import aio_pika
 import pytest
+from aio_pika.abc import AbstractIncomingMessage
 
 from interplay.clock import SystemClock
 from interplay.errors import ConfigurationError, TransportError
+from interplay.testing import wait_until
 from interplay.transports import open_transport
 from interplay.transports.amqp import AmqpOptions, AmqpTransport, delay_level, redact
+from interplay.transports.amqp_dlq import PARKED_HEADER, RESCUES_HEADER
 from interplay.transports.base import Transport
 
 from ..servers import SERVERS, require
@@ -58,15 +62,26 @@ async def delete_declared(transports: Iterable[AmqpTransport]) -> None:
         await connection.close()
 
 
-async def dlq_bodies(t: AmqpTransport) -> list[bytes]:
-    """Take what RabbitMQ dead-lettered into the exchange's ``:dlq`` queue."""
+async def take_all(queue_name: str) -> list[AbstractIncomingMessage]:
+    """Take every message waiting in a queue (``:dlq``, ``:parked``)."""
     connection = await aio_pika.connect(BROKER)
     try:
-        queue = await (await connection.channel()).get_queue(t.dlq_name, ensure=False)
-        bodies = []
+        queue = await (await connection.channel()).get_queue(queue_name, ensure=False)
+        messages = []
         while (message := await queue.get(no_ack=True, fail=False)) is not None:
-            bodies.append(message.body)
-        return bodies
+            messages.append(message)
+        return messages
+    finally:
+        await connection.close()
+
+
+async def dead_letter(exchange: str, body: bytes, headers: dict[str, Any]) -> None:
+    """Publish to ``<exchange>:dlx`` as RabbitMQ dead-letters (``x-death`` written by the test)."""
+    connection = await aio_pika.connect(BROKER)
+    try:
+        channel = await connection.channel(publisher_confirms=True)
+        dlx = await channel.get_exchange(f"{exchange}:dlx", ensure=False)
+        await dlx.publish(aio_pika.Message(body, headers=headers, delivery_mode=aio_pika.DeliveryMode.PERSISTENT), "")
     finally:
         await connection.close()
 
@@ -191,25 +206,45 @@ class TestAmqpTransport(TransportContract):
             await sub.close()
         finally:
             await t.close()
-        assert await dlq_bodies(t) == []
+        assert await take_all(t.dlq_name) == []
 
-    async def test_a_dead_letter_of_no_group_of_the_exchange_stays_in_the_broker_dlq(self) -> None:
+    async def test_a_dead_letter_is_handed_back_at_most_three_times_else_parked(self) -> None:
+        # What cannot go back to a service is parked in :parked (nobody consumes it), never
+        # dropped and never cycled for ever: one from no service queue, one from a service
+        # whose queue is gone, one handed back three times already.
         t = AmqpTransport(amqp_url(self.exchange))
         await t.open(SystemClock())
         self.opened.append(t)
+        parked: list[AbstractIncomingMessage] = []
+
+        async def all_parked() -> bool:
+            parked.extend(await take_all(t.parked_name))
+            return len(parked) >= 3
+
+        def died_in(queue: str, **headers: Any) -> dict[str, Any]:
+            death = {"count": 1, "reason": "delivery_limit", "queue": queue, "exchange": self.exchange,
+                     "routing-keys": ["event.x"]}
+            return {"x-death": [death], **headers}
+
         try:
-            await t.subscribe("g1", ["event.x"], lease=10)  # starts the dead-letter consumer
-            connection = await aio_pika.connect(BROKER)
-            try:
-                channel = await connection.channel(publisher_confirms=True)
-                dlx = await channel.get_exchange(f"{self.exchange}:dlx", ensure=False)
-                await dlx.publish(aio_pika.Message(b"foreign", delivery_mode=aio_pika.DeliveryMode.PERSISTENT), "")
-            finally:
-                await connection.close()
-            await asyncio.sleep(0.5)  # time for the consumer to take it (and keep it)
+            sub = await t.subscribe("g1", ["event.x"], lease=10)  # starts the dead-letter consumer
+            await dead_letter(self.exchange, b"foreign", {})
+            await dead_letter(self.exchange, b"gone", died_in(f"{self.exchange}.gone"))
+            await dead_letter(self.exchange, b"thrice", died_in(f"{self.exchange}.g1", **{RESCUES_HEADER: 3}))
+            await dead_letter(self.exchange, b"once", died_in(f"{self.exchange}.g1", **{RESCUES_HEADER: 0}))
+            (back,) = await sub.receive(1, 10.0)
+            assert (back.body, back.route, back.deliveries) == (b"once", "event.x", 22)  # 21 deaths, then this
+            await sub.ack([back])
+            await wait_until(all_parked, timeout=10, message="three parked dead letters")
+            await sub.close()
         finally:
             await t.close()
-        assert await dlq_bodies(t) == [b"foreign"]
+        reasons = {m.body: str((m.headers or {}).get(PARKED_HEADER)) for m in parked}
+        assert reasons.keys() == {b"foreign", b"gone", b"thrice"}
+        assert "not a service queue" in reasons[b"foreign"]
+        assert "'gone' has no queue" in reasons[b"gone"]
+        assert "after 3 hand-backs" in reasons[b"thrice"]
+        assert await take_all(t.dlq_name) == []
 
     async def test_unreachable_broker_is_a_transport_error(self) -> None:
         t = AmqpTransport(f"amqp://guest:guest@{HOST}:1/?exchange={self.exchange}&connect_timeout=2")

@@ -325,3 +325,13 @@ async def test_a_refused_publish_fails_only_its_caller(bus: RedisTransport, pref
     got = await drain(sub, 6)
     assert sorted(numbers(got)) == list(range(6))  # the refused caller's other message went out too
     await sub.close()
+
+
+async def test_a_publish_larger_than_a_script_call_goes_out_whole_and_in_order(bus: RedisTransport) -> None:
+    # A batch goes as script calls of at most _PUBLISH_CHUNK (500) messages each.
+    route = "event.many"
+    sub = await bus.subscribe("g", [route], lease=10)
+    await bus.publish([outgoing(route, n) for n in range(1201)])
+    got = await drain(sub, 1201)
+    assert numbers(got) == list(range(1201))
+    await sub.close()

@@ -104,7 +104,7 @@ async def nats_broker(tmp_path: Path) -> AsyncIterator[Broker]:
         "] }\n"
     )
     log = tmp_path / "nats-server.log"
-    server = spawn([NATS_SERVER, "-c", str(config)], log)
+    server = spawn([str(NATS_SERVER), "-c", str(config)], log)
     admin = None
     try:
         await wait_until(lambda: "Server is ready" in tail(log, 1 << 20), timeout=15, message="nats-server ready")

@@ -19,12 +19,9 @@ group names never contain, so a service called ``dlq`` cannot collide with it):
   redelivered ``delivery_limit`` times (expired leases, consumers that died holding
   it) is dead-lettered there, ``x-death`` saying why. Retries by the runtime's policy
   never count: a delayed retry is a new message. Every process consuming a group also
-  consumes ``:dlq`` and hands each message back to the group it died in (``@<group>``,
-  its delivery count carried on), so the runtime dead-letters it into the store -
-  ``interplay dlq``, an error reply, the flow's record - rather than it sitting unseen
-  in RabbitMQ. (Not by routing the group's dead letters straight back to its queue:
-  RabbitMQ drops a message that dead-letters into the queue it died in as a cycle.)
-  A message whose group's queue is gone stays in ``:dlq``.
+  consumes ``:dlq`` and hands its messages back to their groups for the runtime to
+  dead-letter into the store, parking in ``<exchange>:parked`` what it cannot hand
+  back (:mod:`interplay.transports.amqp_dlq`).
 
 Reliability: persistent messages, quorum queues, ``mandatory`` publishes awaiting
 their confirms (a batch's together), at-least-once dead-lettering. A message no
@@ -63,10 +60,10 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 import aio_pika
 from aio_pika import DeliveryMode, ExchangeType
 from aio_pika.abc import (
+    AbstractExchange,
     AbstractIncomingMessage,
     AbstractRobustChannel,
     AbstractRobustConnection,
-    AbstractRobustExchange,
     AbstractRobustQueue,
 )
 from aio_pika.exceptions import CONNECTION_EXCEPTIONS, ChannelInvalidStateError
@@ -74,6 +71,7 @@ from aiormq.abc import DeliveredMessage
 
 from ..clock import Clock, SystemClock
 from ..errors import ConfigurationError, TransportError
+from .amqp_dlq import DELIVERIES_HEADER, ROUTE_HEADER, DeadLetterRescue, count, text
 from .base import Delivery, Subscription, Transport
 
 if TYPE_CHECKING:
@@ -83,10 +81,6 @@ __all__ = ["AmqpOptions", "AmqpTransport", "delay_level"]
 
 log = logging.getLogger("interplay.transports.amqp")
 
-DELIVERIES_HEADER = "interplay-deliveries"
-"""Deliveries a republished message had before (its quorum count restarts)."""
-ROUTE_HEADER = "interplay-route"
-"""The route of a message sent to one group's key (``@<group>``)."""
 DELAY_HEADER = "interplay-delay"
 """The delay level (ms) a message is parked for; the delay exchange routes on it.
 (Not ``x-``: headers exchanges ignore such binding arguments.)"""
@@ -96,7 +90,6 @@ _DELAY_STEPS = (10, 12, 15, 18, 20, 25, 30, 35, 40, 50, 60, 70, 80)  # each <= 1
 _MAX_DELAY_MS = 2**31 - 1  # RabbitMQ TTLs are 32-bit
 _IDLE_MS = 600_000  # a delay level queue outlives its last declaration by this much
 _tokens = itertools.count(1)
-_RESCUE_PREFETCH = 64  # dead letters handed back at once (and orphans held, at most)
 
 
 @dataclass(frozen=True, slots=True)
@@ -196,15 +189,15 @@ class AmqpTransport(Transport):
         self.safe_url = redact(url)
         ex = self.options.exchange
         self._dlx, self._dlq, self._delay_exchange = f"{ex}:dlx", f"{ex}:dlq", f"{ex}:delay"
+        self.parked_name = f"{ex}:parked"
         self._clock: Clock = SystemClock()
         self._connection: AbstractRobustConnection | None = None
         self._publisher: AbstractRobustChannel | None = None  # confirms; owns the exchanges
         self._admin: AbstractRobustChannel | None = None  # declarations: a refusal closes only it
-        self._exchanges: dict[str, AbstractRobustExchange] = {}
+        self._exchanges: dict[str, AbstractExchange] = {}
         self._ephemeral: set[str] = set()
         self._subscriptions: set[_AmqpSubscription] = set()
-        self._rescuer: AbstractRobustChannel | None = None  # consumes :dlq (see the module docs)
-        self._orphans: set[str] = set()  # :dlq's groups without a queue, warned about
+        self._rescue = DeadLetterRescue(self)
         self._levels: dict[int, float] = {}  # delay level -> when we last declared it
         self._unroutable: set[str] = set()
         self.declared_queues: set[str] = set()
@@ -259,6 +252,11 @@ class AmqpTransport(Transport):
             )
             self.declared_queues.add(self._dlq)
             await dlq.bind(self._dlx, "", robust=False)
+            await self._admin.declare_queue(
+                self.parked_name, durable=True, arguments={"x-queue-type": "quorum"}, robust=False
+            )
+            self.declared_queues.add(self.parked_name)
+            self._exchanges[""] = self._publisher.default_exchange  # parking goes by queue name
 
     def _reconnected(self, connection: AbstractRobustConnection | None, /) -> None:
         self.reconnects += 1
@@ -280,16 +278,15 @@ class AmqpTransport(Transport):
         Raises:
             TransportError: closing failed.
         """
-        for sub in list(self._subscriptions):
-            await sub.close()
-        rescuer, self._rescuer = self._rescuer, None
-        if rescuer is not None:
-            async with self._talking("closing the dead-letter consumer"):
-                await rescuer.close()
-        connection, self._connection = self._connection, None
-        if connection is not None:
-            async with self._talking(f"closing the connection to {self.safe_url}"):
-                await connection.close()
+        try:
+            for sub in list(self._subscriptions):
+                await sub.close()
+            await self._rescue.close()
+        finally:
+            connection, self._connection = self._connection, None
+            if connection is not None:
+                async with self._talking(f"closing the connection to {self.safe_url}"):
+                    await connection.close()
 
     @asynccontextmanager
     async def _talking(self, what: str) -> AsyncIterator[None]:
@@ -367,68 +364,8 @@ class AmqpTransport(Transport):
         sub = _AmqpSubscription(self, group, lease, channel, queue)
         self._subscriptions.add(sub)
         if group not in self._ephemeral:
-            await self._start_rescue(connection)
+            await self._rescue.start(connection)
         return sub
-
-    # ------------------------------------------------------------------ dead letters
-    async def _start_rescue(self, connection: AbstractRobustConnection) -> None:
-        """Consume ``:dlq`` (once per transport), handing its messages back to their groups."""
-        if self._rescuer is not None:
-            return
-        async with self._talking(f"consuming {self._dlq!r}"):
-            self._rescuer = channel = await connection.channel(publisher_confirms=False)
-            await channel.set_qos(prefetch_count=_RESCUE_PREFETCH)
-            queue = await channel.declare_queue(
-                self._dlq, durable=True, arguments={"x-queue-type": "quorum"}, robust=True
-            )
-            await queue.consume(self._rescue, no_ack=False)
-
-    async def _rescue(self, message: AbstractIncomingMessage) -> None:
-        """Publish a dead letter to ``@<group>`` of the queue it died in, then ack it.
-
-        A crash in between leaves both copies: the group's inbox drops the second.
-        """
-        headers = message.headers or {}
-        deaths = headers.get("x-death")
-        death = deaths[0] if isinstance(deaths, list) and deaths and isinstance(deaths[0], dict) else {}
-        queue, reason = _text(death.get("queue")), _text(death.get("reason"))
-        keys = death.get("routing-keys")
-        prefix = self.options.exchange + "."
-        if queue is None or not queue.startswith(prefix):
-            self._orphan(str(queue), "it did not die in a group queue of this exchange")
-            return  # unacked: stays in :dlq (for good once this channel closes and it comes back)
-        group = queue.removeprefix(prefix)
-        route = _text(headers.get(ROUTE_HEADER)) or (_text(keys[0]) if isinstance(keys, list) and keys else None)
-        # each delivery_limit death is delivery_limit + 1 deliveries (RabbitMQ 4 defaults to 20)
-        died_after = (self.options.delivery_limit or 20) + 1 if reason == "delivery_limit" else 1
-        deliveries = _count(headers.get(DELIVERIES_HEADER)) + _count(headers.get("x-delivery-count")) + died_after
-        copy = {DELIVERIES_HEADER: deliveries, ROUTE_HEADER: route or message.routing_key or ""}
-        try:
-            (returned,) = await self._publish_all(
-                self.options.exchange, [("@" + group, message.body, copy)], f"handing a dead letter back to {group!r}"
-            )
-        except TransportError as exc:
-            log.warning("%s: %s; retrying", self._dlq, exc)
-            await asyncio.sleep(self.options.reconnect_interval)
-            await self._quietly(partial(message.reject, requeue=True), "returning a dead letter to :dlq")
-            return
-        if returned:
-            self._orphan(group, "its group has no queue")
-            return
-        await self._quietly(message.ack, "acking a dead letter handed back")  # if not: handed back twice
-
-    async def _quietly(self, action: Callable[[], Awaitable[Any]], what: str) -> None:
-        """Settle a :dlq message; if that fails, its channel's end gives it back anyway."""
-        try:
-            async with self._talking(what):
-                await action()
-        except (TransportError, ChannelInvalidStateError) as exc:
-            log.debug("%s failed: %s", what, exc)
-
-    def _orphan(self, group: str, why: str) -> None:
-        if group not in self._orphans:
-            self._orphans.add(group)
-            log.warning("a message in %r stays there: %s (%r)", self._dlq, why, group)
 
     # ------------------------------------------------------------------ publishing
     async def publish(self, batch: Sequence[Outgoing]) -> None:
@@ -553,21 +490,6 @@ class _Held:
     timer: asyncio.TimerHandle
 
 
-def _text(value: Any) -> str | None:
-    """A header value as text (RabbitMQ may hand strings over as bytes)."""
-    if isinstance(value, bytes):
-        return value.decode(errors="replace")
-    return value if isinstance(value, str) else None
-
-
-def _count(value: Any) -> int:
-    """A header's count; anything odd counts as 0."""
-    try:
-        return max(int(value), 0) if isinstance(value, int | str | bytes) and not isinstance(value, bool) else 0
-    except ValueError:
-        return 0
-
-
 class _AmqpSubscription(Subscription):
     """A consumer of one group: aio-pika pushes into a buffer, ``receive`` pulls from it."""
 
@@ -636,8 +558,8 @@ class _AmqpSubscription(Subscription):
             if not _channel_open(message):
                 continue  # its channel died: RabbitMQ redelivers it on the new one
             headers = message.headers or {}
-            deliveries = _count(headers.get(DELIVERIES_HEADER)) + _count(headers.get("x-delivery-count")) + 1
-            route = _text(headers.get(ROUTE_HEADER)) or message.routing_key
+            deliveries = count(headers.get(DELIVERIES_HEADER)) + count(headers.get("x-delivery-count")) + 1
+            route = text(headers.get(ROUTE_HEADER)) or message.routing_key
             token = next(_tokens)
             self._hold(token, message, self.lease)
             out.append(Delivery.from_bytes(message.body, deliveries, route=route, handle=token))

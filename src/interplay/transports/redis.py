@@ -246,6 +246,7 @@ end
 return out
 """
 
+_PUBLISH_CHUNK = 500  # messages per publish script call: bounds the request and how long Redis runs it
 _MAX_BLOCK = 1.0  # seconds one XREAD may block: below socket_timeout, and keeps sweeps on time
 _IDLE_CONSUMER_MS = 3_600_000
 
@@ -296,8 +297,10 @@ def _xadd_result(reply: Any) -> Any:
     """One message's reply from the publish script: entry id, None (no stream) or the error."""
     if reply == 0:
         return None
-    if isinstance(reply, bytes) and reply.startswith(b"!"):
-        return ResponseError(reply[1:].decode(errors="replace"))
+    if isinstance(reply, bytes):
+        reply = reply.decode(errors="replace")
+    if isinstance(reply, str) and reply.startswith("!"):
+        return ResponseError(reply[1:])
     return reply
 
 
@@ -527,10 +530,15 @@ class RedisTransport(Transport):
             raise _Refused(f"redis: publish failed: {next(iter(refused.values()))}", refused)
 
     async def _xadd_all(self, items: list[tuple[str, bytes]]) -> list[Any]:
-        """XADD each item in one script call; per item, its entry id, None (no stream) or the error."""
+        """XADD each item, a script call per :data:`_PUBLISH_CHUNK`; per item, its entry
+        id, None (no stream) or the error."""
+        results: list[Any] = []
         with _translated("publish"):
-            replies = await self._script("publish", [self.stream_key(r) for r, _ in items], [b for _, b in items])
-        return [_xadd_result(reply) for reply in replies]
+            for start in range(0, len(items), _PUBLISH_CHUNK):
+                chunk = items[start:start + _PUBLISH_CHUNK]
+                replies = await self._script("publish", [self.stream_key(r) for r, _ in chunk], [b for _, b in chunk])
+                results += [_xadd_result(reply) for reply in replies]
+        return results
 
     async def publish_to_group(self, group: str, route: str, body: bytes) -> None:
         """``XADD`` to the group's direct stream."""

@@ -1,0 +1,166 @@
+"""``amqp://``'s dead-letter rescue: what RabbitMQ dead-lettered goes back to its service.
+
+A message RabbitMQ redelivered ``delivery_limit`` times (expired leases, consumers that
+died holding it) is dead-lettered into ``<exchange>:dlq``, where ``interplay dlq`` would
+never show it. Every process consuming a service consumes that queue too and hands each
+message back to the service it died in (``@<group>``), its delivery count carried on,
+so the runtime's ``max_deliveries`` dead-letters it into the store: ``interplay dlq``,
+an error reply to a waiting workflow, the flow marked failed.
+
+It is handed back at most :data:`MAX_RESCUES` times (a runtime with ``max_deliveries=0``,
+or one a message kills before counting, would otherwise cycle it for ever); after that,
+and when it died in no service queue of this exchange or its service's queue is gone,
+it is *parked* in ``<exchange>:parked``, a queue nobody consumes, with the reason in its
+``interplay-parked`` header (and a warning logged). Not by routing a group's dead
+letters straight back to its queue: RabbitMQ drops a message that dead-letters into the
+queue it died in as a cycle (seen on 3.10).
+
+A hand-back that RabbitMQ does not confirm is retried in place, the message unacked,
+rather than rejected back to ``:dlq``: on RabbitMQ 4 ``:dlq`` itself has a delivery
+limit (20 by default), past which it would drop the message.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any
+
+from aio_pika.abc import AbstractIncomingMessage, AbstractRobustChannel, AbstractRobustConnection
+
+from ..errors import TransportError
+
+if TYPE_CHECKING:
+    from .amqp import AmqpTransport
+
+__all__ = [
+    "DELIVERIES_HEADER", "MAX_RESCUES", "PARKED_HEADER", "RESCUES_HEADER", "ROUTE_HEADER", "DeadLetterRescue",
+    "count", "text",
+]
+
+log = logging.getLogger("interplay.transports.amqp")
+
+DELIVERIES_HEADER = "interplay-deliveries"
+"""Deliveries a republished message had before (its quorum count restarts)."""
+ROUTE_HEADER = "interplay-route"
+"""The route of a message sent to one group's key (``@<group>``)."""
+RESCUES_HEADER = "interplay-rescues"
+"""How many times a dead letter was handed back from ``:dlq`` already."""
+PARKED_HEADER = "interplay-parked"
+"""Why a dead letter was parked instead of handed back."""
+MAX_RESCUES = 3
+"""Hand-backs of one message before it is parked."""
+_PREFETCH = 16  # dead letters being handed back at once
+_MAX_BACKOFF = 30.0  # seconds between tries of an unconfirmed hand-back, at most
+
+
+class DeadLetterRescue:
+    """Consumes ``:dlq`` for one transport (see the module docs)."""
+
+    def __init__(self, transport: AmqpTransport) -> None:
+        self.transport = transport
+        self._channel: AbstractRobustChannel | None = None
+
+    async def start(self, connection: AbstractRobustConnection) -> None:
+        """Start consuming (once); if that fails, say so - the next subscribe tries again."""
+        t = self.transport
+        if self._channel is not None:
+            return
+        channel: AbstractRobustChannel | None = None
+        try:
+            async with t._talking(f"consuming {t.dlq_name!r}"):
+                channel = await connection.channel(publisher_confirms=False)
+                await channel.set_qos(prefetch_count=_PREFETCH)
+                queue = await channel.declare_queue(
+                    t.dlq_name, durable=True, arguments={"x-queue-type": "quorum"}, robust=True
+                )
+                await queue.consume(self._rescue, no_ack=False)
+        except TransportError as exc:
+            log.warning("not consuming %r (dead letters wait there until a later subscribe): %s", t.dlq_name, exc)
+            if channel is not None:
+                await self._quietly(channel.close, "closing the dead-letter channel")
+            return
+        self._channel = channel
+
+    async def close(self) -> None:
+        """Stop consuming; messages being handed back return to ``:dlq``."""
+        channel, self._channel = self._channel, None
+        if channel is not None:
+            async with self.transport._talking("closing the dead-letter consumer"):
+                await channel.close()
+
+    async def _rescue(self, message: AbstractIncomingMessage) -> None:
+        """Hand one dead letter back to its group, or park it; then ack it.
+
+        A crash in between leaves both copies: the group's inbox drops the second.
+        """
+        t = self.transport
+        headers = dict(message.headers or {})
+        deaths = headers.get("x-death")
+        death = deaths[0] if isinstance(deaths, list) and deaths and isinstance(deaths[0], dict) else {}
+        queue, reason = text(death.get("queue")), text(death.get("reason"))
+        rescues = count(headers.get(RESCUES_HEADER))
+        prefix = t.options.exchange + "."
+        if queue is None or not queue.startswith(prefix):
+            await self._park(message, headers, f"it died in {queue or 'no queue'!r}, not a service queue of this bus")
+            return
+        group = queue.removeprefix(prefix)
+        if rescues >= MAX_RESCUES:
+            await self._park(message, headers, f"it died in {group!r} again after {rescues} hand-backs")
+            return
+        keys = death.get("routing-keys")
+        route = text(headers.get(ROUTE_HEADER)) or (text(keys[0]) if isinstance(keys, list) and keys else None)
+        # a delivery_limit death is delivery_limit + 1 deliveries (RabbitMQ 4 defaults to 20);
+        # a broker that carries the count over says so in x-delivery-count
+        died_after = (t.options.delivery_limit or 20) + 1 if reason == "delivery_limit" else 1
+        deliveries = count(headers.get(DELIVERIES_HEADER)) + max(died_after, count(headers.get("x-delivery-count")))
+        copy = {DELIVERIES_HEADER: deliveries, ROUTE_HEADER: route or message.routing_key or "",
+                RESCUES_HEADER: rescues + 1}
+        if await self._until_published(t.options.exchange, "@" + group, message.body, copy, f"back to {group!r}"):
+            await self._park(message, headers, f"service {group!r} has no queue")
+            return
+        await self._quietly(message.ack, "acking a dead letter handed back")  # if not: handed back twice
+
+    async def _park(self, message: AbstractIncomingMessage, headers: dict[str, Any], why: str) -> None:
+        t = self.transport
+        log.warning("a message in %r is parked in %r: %s", t.dlq_name, t.parked_name, why)
+        if await self._until_published("", t.parked_name, message.body, {**headers, PARKED_HEADER: why}, "parking"):
+            log.error("%r is missing: the message stays in %r", t.parked_name, t.dlq_name)
+            return  # unacked: back in :dlq when this channel closes
+        await self._quietly(message.ack, "acking a parked dead letter")
+
+    async def _until_published(self, exchange: str, key: str, body: bytes, headers: dict[str, Any], what: str) -> bool:
+        """Publish until RabbitMQ confirms (backing off); True if it returned it unroutable."""
+        delay = self.transport.options.reconnect_interval
+        while True:
+            try:
+                (returned,) = await self.transport._publish_all(exchange, [(key, body, headers)], f"dead letter {what}")
+                return returned
+            except TransportError as exc:
+                log.warning("handing a dead letter %s failed (retrying in %.1fs): %s", what, delay, exc)
+                await asyncio.sleep(delay)
+                delay = min(_MAX_BACKOFF, delay * 2)
+
+    async def _quietly(self, action: Callable[[], Awaitable[Any]], what: str) -> None:
+        """Settle or close; if that fails, the channel's end gives the message back anyway."""
+        try:
+            async with self.transport._talking(what):
+                await action()
+        except TransportError as exc:
+            log.debug("%s failed: %s", what, exc)
+
+
+def text(value: Any) -> str | None:
+    """A header value as text (RabbitMQ may hand strings over as bytes)."""
+    if isinstance(value, bytes):
+        return value.decode(errors="replace")
+    return value if isinstance(value, str) else None
+
+
+def count(value: Any) -> int:
+    """A header's count; anything odd counts as 0."""
+    try:
+        return max(int(value), 0) if isinstance(value, int | str | bytes) and not isinstance(value, bool) else 0
+    except ValueError:
+        return 0
