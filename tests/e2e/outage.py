@@ -11,6 +11,9 @@ from __future__ import annotations
 
 import asyncio
 import os
+import signal
+import subprocess
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -28,12 +31,53 @@ OPTIONS: dict[str, Any] = {"lease": 2.0, "outbox_grace": 0.5, "outbox_relay_inte
 """Short leases and relays keep the recovery within the test's time."""
 
 
-class BrokerServer(Protocol):
-    """A broker server process of the test's own, restartable on the same port and data."""
+class ServerProcess:
+    """A broker server process of the test's own, restartable on the same port and data.
 
-    def start(self) -> None: ...
-    def ready(self) -> bool: ...
-    def stop(self) -> None: ...
+    Subclasses set ``command`` (and ``env``, ``ready_line``, ...) before :meth:`start`;
+    the server's output goes to ``log``, where ``ready_line`` appears once per start.
+    """
+
+    command: list[str]
+    env: dict[str, str] | None = None
+    ready_line: str
+    own_session = False  # its own process group, stopped as a whole (a wrapper script and its VM)
+    stop_timeout = 10.0  # seconds a clean shutdown may take before SIGKILL
+
+    def __init__(self, log: Path) -> None:
+        self.log = log
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.starts = 0
+
+    def start(self) -> None:
+        with self.log.open("ab") as out:
+            self.proc = subprocess.Popen(
+                self.command, env=self.env, stdout=out, stderr=subprocess.STDOUT, start_new_session=self.own_session
+            )
+        self.starts += 1
+
+    def ready(self) -> bool:
+        assert self.proc is not None
+        if self.proc.poll() is not None:
+            raise RuntimeError(f"{self.command[0]} exited: {self.log.read_text()[-2000:]}")
+        return self.log.read_text().count(self.ready_line) >= self.starts
+
+    def stop(self) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        self._signal(signal.SIGTERM)
+        try:
+            self.proc.wait(timeout=self.stop_timeout)
+        except subprocess.TimeoutExpired:
+            self._signal(signal.SIGKILL)
+            self.proc.wait(timeout=10)
+
+    def _signal(self, sig: signal.Signals) -> None:
+        assert self.proc is not None
+        if self.own_session:
+            os.killpg(self.proc.pid, sig)
+        else:
+            self.proc.send_signal(sig)
 
 
 class Reconnecting(Protocol):
@@ -53,7 +97,7 @@ def need_server(binary: Path) -> None:
         pytest.skip(f"{binary} is not installed")
 
 
-async def restart_mid_run(server: BrokerServer, bus: str, store: Path, *, startup: float = 15) -> None:
+async def restart_mid_run(server: ServerProcess, bus: str, store: Path, *, startup: float = 15) -> None:
     """Run the scenario on ``bus`` (served by ``server``, started; stopped on return) and
     check the outcome.
 
@@ -90,14 +134,7 @@ async def restart_mid_run(server: BrokerServer, bus: str, store: Path, *, startu
             await wait_until(lambda: not any(c.inflight for c in rt.consumers.values()), timeout=10,
                              message="no handler left in flight")
 
-            duplicated = await rt.store.read(lambda tx: tx.all(
-                "SELECT flow_id, type, COUNT(*) FROM ip_messages GROUP BY flow_id, type HAVING COUNT(*) > 1"
-            ))
-            per_type = dict(await rt.store.read(
-                lambda tx: tx.all("SELECT type, COUNT(*) FROM ip_messages GROUP BY type")
-            ))
-            inbox = dict(await rt.store.read(lambda tx: tx.all("SELECT grp, COUNT(*) FROM ip_inbox GROUP BY grp")))
-            dead = await rt.dlq()
+            record = await Record.of(rt)
             redelivered = await count(rt, "SELECT COUNT(*) FROM ip_spans WHERE attempt > 1")
             reconnects = transport.reconnects
     finally:
@@ -108,13 +145,39 @@ async def restart_mid_run(server: BrokerServer, bus: str, store: Path, *, startu
     assert done_at_stop < BEFORE, "every flow finished before the outage: the test proved nothing"
     assert stranded > 0, "no publish met the outage: the test proved nothing"
     assert reconnects >= 1
-    assert duplicated == [], "an event was emitted more than once"
-    assert per_type == {
-        "order.created": total, "payment.completed": total, "shipment.prepared": total,
-        "customer.notified": total,
-    }
-    assert inbox == {"payments": total, "shipping": total, "notification": total}
-    assert dead == []
+    record.assert_each_order_once(total)
+
+
+@dataclass
+class Record:
+    """What the store recorded of the order flow, read before the runtime closes."""
+
+    duplicated: list[Any]  # (flow, type) emitted more than once
+    per_type: dict[str, int]  # messages recorded per type
+    inbox: dict[str, int]  # messages handled per service
+    dead: list[Any]
+
+    @classmethod
+    async def of(cls, rt: Runtime) -> Record:
+        read = rt.store.read
+        return cls(
+            duplicated=await read(lambda tx: tx.all(
+                "SELECT flow_id, type, COUNT(*) FROM ip_messages GROUP BY flow_id, type HAVING COUNT(*) > 1"
+            )),
+            per_type=dict(await read(lambda tx: tx.all("SELECT type, COUNT(*) FROM ip_messages GROUP BY type"))),
+            inbox=dict(await read(lambda tx: tx.all("SELECT grp, COUNT(*) FROM ip_inbox GROUP BY grp"))),
+            dead=list(await rt.dlq()),
+        )
+
+    def assert_each_order_once(self, total: int) -> None:
+        """Every one of ``total`` orders went through each hop exactly once, none dead."""
+        assert self.duplicated == [], "an event was emitted more than once"
+        assert self.per_type == {
+            "order.created": total, "payment.completed": total, "shipment.prepared": total,
+            "customer.notified": total,
+        }
+        assert self.inbox == {"payments": total, "shipping": total, "notification": total}
+        assert self.dead == []
 
 
 async def count(rt: Runtime, sql: str) -> int:

@@ -9,31 +9,34 @@ exchanges and bindings outlive the restart on the node's data directory.
 from __future__ import annotations
 
 import os
-import signal
-import subprocess
 from pathlib import Path
 
 import pytest
 
 from ..pg import free_port
-from .outage import need_server, restart_mid_run
+from .outage import ServerProcess, need_server, restart_mid_run
 
 pytestmark = pytest.mark.slow
 
 RABBITMQ_SERVER = Path("/usr/lib/rabbitmq/bin/rabbitmq-server")  # Debian's; /usr/sbin's drops to its user
 
 
-class RabbitMqNode:
+class RabbitMqNode(ServerProcess):
     """A RabbitMQ node of the test's own, restartable on the same ports and data."""
 
+    ready_line = "Starting broker... completed"
+    own_session = True  # its shell and the Erlang VM: stopped together (the VM shuts down cleanly on SIGTERM)
+    stop_timeout = 30.0
+
     def __init__(self, tmp_path: Path) -> None:
-        self.port, dist = free_port(), free_port()
         self.dir = tmp_path / "rabbitmq"
         self.dir.mkdir()
+        super().__init__(self.dir / "server.log")
+        self.command = [str(RABBITMQ_SERVER)]
+        self.port, dist = free_port(), free_port()
         (self.dir / "rabbitmq.conf").write_text(f"listeners.tcp.1 = 127.0.0.1:{self.port}\n")
         (self.dir / "enabled_plugins").write_text("[].\n")
         (self.dir / "rabbitmq-env.conf").write_text("")  # not /etc/rabbitmq's (its node name)
-        self.log = self.dir / "server.log"
         self.env = {
             "PATH": os.environ.get("PATH", "/usr/bin:/bin:/usr/sbin"),
             "HOME": str(self.dir),  # a cookie of its own
@@ -46,32 +49,6 @@ class RabbitMqNode:
             "RABBITMQ_LOG_BASE": str(self.dir / "log"),
             "ERL_EPMD_ADDRESS": "127.0.0.1",
         }
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.starts = 0
-
-    def start(self) -> None:
-        with self.log.open("ab") as out:
-            self.proc = subprocess.Popen(
-                [str(RABBITMQ_SERVER)], env=self.env, stdout=out, stderr=subprocess.STDOUT,
-                start_new_session=True,  # its shell and the Erlang VM: stopped together
-            )
-        self.starts += 1
-
-    def ready(self) -> bool:
-        assert self.proc is not None
-        if self.proc.poll() is not None:
-            raise RuntimeError(f"rabbitmq-server exited: {self.log.read_text()[-2000:]}")
-        return self.log.read_text().count("Starting broker... completed") >= self.starts
-
-    def stop(self) -> None:
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        os.killpg(self.proc.pid, signal.SIGTERM)  # the VM shuts down cleanly on SIGTERM
-        try:
-            self.proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait(timeout=10)
 
 
 async def test_server_restart_mid_run_loses_nothing_and_duplicates_nothing(tmp_path: Path) -> None:

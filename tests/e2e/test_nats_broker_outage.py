@@ -7,51 +7,28 @@ directory, and the scenario of tests/e2e/outage.py through it.
 from __future__ import annotations
 
 import shutil
-import subprocess
 from pathlib import Path
 
 import pytest
 
 from ..pg import free_port
-from .outage import need_server, restart_mid_run
+from .outage import ServerProcess, need_server, restart_mid_run
 
 pytestmark = pytest.mark.slow
 
 NATS_SERVER = Path(shutil.which("nats-server") or "/usr/sbin/nats-server")
 
 
-class NatsServer:
+class NatsServer(ServerProcess):
     """A nats-server process with JetStream, restartable on the same port and store."""
 
+    ready_line = "Server is ready"
+
     def __init__(self, tmp_path: Path) -> None:
+        super().__init__(tmp_path / "nats-server.log")
         self.port = free_port()
-        self.store_dir = tmp_path / "jetstream"
-        self.log = tmp_path / "nats-server.log"
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.starts = 0
-
-    def start(self) -> None:
-        with self.log.open("ab") as out:
-            self.proc = subprocess.Popen(
-                [NATS_SERVER, "-js", "-a", "127.0.0.1", "-p", str(self.port), "-sd", str(self.store_dir)],
-                stdout=out, stderr=subprocess.STDOUT,
-            )
-        self.starts += 1
-
-    def ready(self) -> bool:
-        assert self.proc is not None
-        if self.proc.poll() is not None:
-            raise RuntimeError(f"nats-server exited: {self.log.read_text()[-2000:]}")
-        return self.log.read_text().count("Server is ready") >= self.starts
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=10)
+        store_dir = tmp_path / "jetstream"
+        self.command = [str(NATS_SERVER), "-js", "-a", "127.0.0.1", "-p", str(self.port), "-sd", str(store_dir)]
 
 
 async def test_server_restart_mid_run_loses_nothing_and_duplicates_nothing(tmp_path: Path) -> None:

@@ -24,7 +24,7 @@ from interplay.testing import wait_until
 from interplay.transports.redis import RedisTransport
 
 from ..pg import free_port
-from .outage import at_least, count, need_server
+from .outage import Record, at_least, count, need_server
 
 pytestmark = pytest.mark.slow
 
@@ -153,15 +153,8 @@ async def test_redis_restart_mid_run_loses_nothing_and_duplicates_nothing(
             await wait_until(lambda: outbox_empty(client), timeout=30, message="outbox drained")
             await wait_until(lambda: all_acked(client), timeout=30, message="every group acked everything")
 
-            duplicated = await client.store.read(lambda tx: tx.all(
-                "SELECT flow_id, type, COUNT(*) FROM ip_messages GROUP BY flow_id, type HAVING COUNT(*) > 1"
-            ))
-            per_type = dict(await client.store.read(lambda tx: tx.all(
-                "SELECT type, COUNT(*) FROM ip_messages GROUP BY type"
-            )))
-            inbox = dict(await client.store.read(lambda tx: tx.all("SELECT grp, COUNT(*) FROM ip_inbox GROUP BY grp")))
+            record = await Record.of(client)
             redelivered = await count(client, "SELECT COUNT(*) FROM ip_spans WHERE attempt > 1")
-            dead = await client.dlq()
     finally:
         await server.stop()
     warnings = [r.getMessage() for r in caplog.records]
@@ -172,10 +165,4 @@ async def test_redis_restart_mid_run_loses_nothing_and_duplicates_nothing(
     for service in ("payments", "shipping", "notification"):
         assert any(w.startswith(f"{service}: receive failed") for w in warnings), service
     assert len(flow_ids) == ORDERS
-    assert duplicated == [], "an event was emitted more than once"
-    assert per_type == {
-        "order.created": ORDERS, "payment.completed": ORDERS, "shipment.prepared": ORDERS,
-        "customer.notified": ORDERS,
-    }
-    assert inbox == {"payments": ORDERS, "shipping": ORDERS, "notification": ORDERS}
-    assert dead == []
+    record.assert_each_order_once(ORDERS)
