@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel
 
-from interplay import App, Context, Failure, Reject, Retry
+from interplay import App, Context, Failure, Reject, Retry, Runtime
 from interplay.testing import wait_until
 
 if TYPE_CHECKING:
@@ -58,6 +58,11 @@ def order_app(calls: Counter[str], seen: Counter[tuple[str, int]] | None = None)
 
     app.flow("order", starts="order.created", ends="shipment.prepared", fails="payment.failed", within=60)
     return app
+
+
+async def dead_letters(rt: Runtime, n: int) -> bool:
+    """Whether the store holds at least ``n`` dead letters."""
+    return len(await rt.dlq()) >= n
 
 
 def poison_app(calls: list[int]) -> App:

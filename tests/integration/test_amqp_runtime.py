@@ -15,12 +15,11 @@ from urllib.parse import urlencode, urlsplit, urlunsplit
 
 import pytest
 
-from interplay import Runtime
 from interplay.testing import wait_until
 
 from ..buses import Bus
 from ..servers import SERVERS
-from .apps import Order, die_holding_poison, order_app, poison_app
+from .apps import Order, dead_letters, die_holding_poison, order_app, poison_app
 
 pytestmark = [pytest.mark.needs("amqp"), pytest.mark.buses("amqp")]
 
@@ -172,13 +171,9 @@ async def test_a_message_rabbitmq_dead_lettered_is_dead_lettered_into_the_store(
     }
     flow_id = await die_holding_poison(bus, calls, 2, **options)
     async with bus.run(poison_app(calls), **options) as rt:
-        await wait_until(lambda: _has_dead_letters(rt), timeout=30, message="the dead letter in the store")
+        await wait_until(lambda: dead_letters(rt, 1), timeout=30, message="the dead letter in the store")
         dead = await rt.dlq()
         flow = await rt.trace(flow_id)
     assert calls == [1, 2]
     assert [(d.reason, d.attempts) for d in dead] == [("too_many_deliveries", 3)]
     assert flow.status == "failed"
-
-
-async def _has_dead_letters(rt: Runtime) -> bool:
-    return bool(await rt.dlq())

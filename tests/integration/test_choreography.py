@@ -15,7 +15,7 @@ from interplay.stores.records import Outgoing
 from interplay.testing import wait_until
 
 from ..buses import Bus
-from .apps import Order, die_holding_poison, order_app, poison_app
+from .apps import Order, dead_letters, die_holding_poison, order_app, poison_app
 
 ROUTE = "event.order.created"
 JUNK = [b"\x00\xff garbage", b'{"v": 1, "kind": "event"}', b"\x80\x04\x95pickle"]  # no envelope
@@ -27,10 +27,6 @@ DELIVERY_MODES = {"store": "queue", "memory": "direct", "redis": "outbox", "amqp
 
 
 PAYMENT_SPANS = "SELECT msg_id, COUNT(*) FROM ip_spans WHERE service = 'payments' GROUP BY msg_id ORDER BY msg_id"
-
-
-async def dead_letters(rt: Runtime, n: int) -> bool:
-    return len(await rt.dlq()) >= n
 
 
 async def test_order_flow_completes_with_the_expected_trace(bus: Bus) -> None:
