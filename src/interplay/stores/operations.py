@@ -38,13 +38,6 @@ class StoreOperations(ABC):
 
     CLAIM_SQL: ClassVar[str]
     """Leases ready queue rows: params (visible_until, lease, group, now, limit)."""
-    CLAIM_RUNS_SQL: ClassVar[str]
-    """Takes over unowned runs: params (owner, lease_until, now, now, now, limit); returns RUN_COLUMNS.
-
-    A run is unowned when its owner's lease lapsed. The run's own ``lease_until`` (what
-    its last claim got) is checked too: under READ COMMITTED a claim that meets a run
-    claimed since its snapshot re-checks that row's columns but not ``ip_leases``,
-    where the new owner's lease is not visible to it yet."""
     ROW_LOCK: ClassVar[str] = ""
     """Appended to a claim's row-choosing SELECT: where write transactions run side by side
     (PostgreSQL's ``FOR UPDATE SKIP LOCKED``), competing claims skip each other's rows
@@ -205,8 +198,8 @@ class StoreOperations(ABC):
 
     async def claim_runs(self, owner: str, limit: int, now: float, lease: float) -> list[RunRow]:
         """Take over runs that nobody owns (new, or their owner stopped heartbeating)."""
-        sql = self.CLAIM_RUNS_SQL
-        return await self.write(lambda tx: workflows.claim_runs(tx, sql, owner, limit, now, lease))
+        lock = self.ROW_LOCK
+        return await self.write(lambda tx: workflows.claim_runs(tx, lock, owner, limit, now, lease))
 
     async def heartbeat_runs(self, owner: str, now: float, lease: float) -> set[str]:
         """Extend this owner's leases; returns the runs it still holds."""

@@ -56,7 +56,6 @@ from psycopg.conninfo import conninfo_to_dict
 from ..errors import ConfigurationError, StoreError
 from .base import Store
 from .tx import Groups, Tx
-from .workflows import RUN_COLUMNS
 
 __all__ = ["PostgresStore"]
 
@@ -107,14 +106,6 @@ class PostgresStore(Store):
         "UPDATE ip_queue SET visible_at = ?, lease = ?, deliveries = deliveries + 1 "
         "WHERE id IN (SELECT id FROM ip_queue WHERE grp = ? AND visible_at <= ? "
         "ORDER BY visible_at, id LIMIT ? FOR UPDATE SKIP LOCKED) RETURNING id, msg_id, body, deliveries, route"
-    )
-
-    CLAIM_RUNS_SQL = (
-        "UPDATE ip_runs SET owner = ?, lease_until = ?, status = 'running', updated = ?, epoch = epoch + 1 "
-        "WHERE run_id IN (SELECT run_id FROM ip_runs r WHERE status IN ('pending', 'running') "
-        "AND (owner IS NULL OR (lease_until < ? AND NOT EXISTS (SELECT 1 FROM ip_leases l WHERE l.owner = r.owner "
-        "AND l.lease_until >= ?))) ORDER BY created LIMIT ? FOR UPDATE SKIP LOCKED) "
-        f"RETURNING {RUN_COLUMNS}"
     )
 
     def _writer_count(self) -> int:

@@ -18,7 +18,6 @@ from urllib.parse import parse_qs, unquote, urlsplit
 
 from ..errors import ConfigurationError
 from .base import Store
-from .workflows import RUN_COLUMNS
 
 __all__ = ["SqliteStore"]
 
@@ -34,14 +33,6 @@ class SqliteStore(Store):
         "UPDATE ip_queue SET visible_at = ?, lease = ?, deliveries = deliveries + 1 "
         "WHERE id IN (SELECT id FROM ip_queue WHERE grp = ? AND visible_at <= ? "
         "ORDER BY visible_at LIMIT ?) RETURNING id, msg_id, body, deliveries, route"
-    )
-
-    CLAIM_RUNS_SQL = (
-        "UPDATE ip_runs SET owner = ?, lease_until = ?, status = 'running', updated = ?, epoch = epoch + 1 "
-        "WHERE run_id IN (SELECT run_id FROM ip_runs r WHERE status IN ('pending', 'running') "
-        "AND (owner IS NULL OR (lease_until < ? AND NOT EXISTS (SELECT 1 FROM ip_leases l WHERE l.owner = r.owner "
-        "AND l.lease_until >= ?))) ORDER BY created LIMIT ?) "
-        f"RETURNING {RUN_COLUMNS}"
     )
 
     def __init__(self, url: str) -> None:

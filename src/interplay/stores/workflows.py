@@ -115,10 +115,22 @@ def _renew(tx: Tx, owner: str, until: float) -> None:
     )
 
 
-def claim_runs(tx: Tx, claim_sql: str, owner: str, limit: int, now: float, lease: float) -> list[RunRow]:
-    """Take over runs nobody owns (new, or whose owner's lease lapsed)."""
+def claim_runs(tx: Tx, row_lock: str, owner: str, limit: int, now: float, lease: float) -> list[RunRow]:
+    """Take over runs nobody owns (new, or whose owner's lease lapsed).
+
+    The run's own ``lease_until`` (what its last claim got) is checked too: under READ
+    COMMITTED a claim that meets a run claimed since its snapshot re-checks that row's
+    columns but not ``ip_leases``, where the new owner's lease is not visible to it yet.
+    ``row_lock`` is the store's ``ROW_LOCK``: competing claimers skip each other's rows.
+    """
     _renew(tx, owner, now + lease)  # what we claim is ours only while our lease holds
-    rows = tx.all(claim_sql, (owner, now + lease, now, now, now, limit))
+    rows = tx.all(
+        "UPDATE ip_runs SET owner = ?, lease_until = ?, status = 'running', updated = ?, epoch = epoch + 1 "
+        "WHERE run_id IN (SELECT run_id FROM ip_runs r WHERE status IN ('pending', 'running') "
+        "AND (owner IS NULL OR (lease_until < ? AND NOT EXISTS (SELECT 1 FROM ip_leases l WHERE l.owner = r.owner "
+        f"AND l.lease_until >= ?))) ORDER BY created LIMIT ?{row_lock}) RETURNING {RUN_COLUMNS}",
+        (owner, now + lease, now, now, now, limit),
+    )
     return [run_row(r) for r in rows]
 
 
