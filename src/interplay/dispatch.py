@@ -20,7 +20,7 @@ import orjson
 
 from .commands import is_workflow_reply, recorder, reply_body
 from .context import Context
-from .errors import Reject, StoreError, TransportError, ValidationFailed
+from .errors import MessageTooLarge, Reject, StoreError, TransportError, ValidationFailed
 from .message import Message, new_id
 from .payloads import to_json
 from .service import Failure, Handler, Service
@@ -235,11 +235,12 @@ class Consumer:
             self.group, msg.id, msg.flow_id, "ok", inbox=True, reply=stored_reply,
             span=self._span(msg, handler, started, "ok", None, d.deliveries), transactions=ctx.transactions,
         )
-        settled = await self._settle(d, settlement, emits)
-        if settled == "too_large":  # an emitted message the bus will never take: no retry helps
-            _, _, error = (settlement.failure or "").partition(": ")
-            await self._fail(d, msg, handler, "emit_too_large", "MessageTooLarge", error, started)
-        elif settled == "failed":
+        try:
+            settled = await self._settle(d, settlement, emits)
+        except MessageTooLarge as exc:  # an emitted message the bus will never take: no retry helps
+            await self._fail(d, msg, handler, "emit_too_large", "MessageTooLarge", str(exc), started)
+            return
+        if settled == "failed":
             # The handler's own transaction raised: the handling failed after all.
             error_type, _, error = (settlement.failure or "Error: ").partition(": ")
             if d.deliveries < handler.retry.attempts:
@@ -381,8 +382,7 @@ class Consumer:
             rt.instrumentation.published(m)
         settlement.emits = [topology.outgoing(m) for m in emits]
         if settlement.outcome == "ok" and (why := rt.too_large(settlement.emits)) is not None:
-            settlement.failure = f"MessageTooLarge: {why}"
-            return "too_large"  # nothing committed: the handling fails instead (see _handle)
+            raise MessageTooLarge(why)  # nothing committed: the handling fails instead (see _handle)
         for out in settlement.emits:
             if out.route in rt.store.local_routes and is_workflow_reply(out.message):
                 # The calling workflow runs in this process: journal its step's result in
