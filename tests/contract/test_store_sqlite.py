@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sqlite3
 from pathlib import Path
 
 import pytest
@@ -9,6 +10,7 @@ import typer
 from typer.testing import CliRunner
 
 from interplay.cli import db
+from interplay.errors import StoreError
 from interplay.stores.base import Store
 from interplay.stores.schema import SCHEMA_VERSION
 from interplay.stores.sqlite import SqliteStore
@@ -23,6 +25,25 @@ class TestSqliteStore(StoreContract):
 
     def make_store(self) -> Store:
         return SqliteStore(f"sqlite:///{self.path}")
+
+
+async def test_a_write_another_program_keeps_locked_out_fails_with_store_error(tmp_path: Path) -> None:
+    """Not every writer takes turns: past ``busy_timeout`` the op fails with StoreError
+    (it once surfaced as sqlite3.ProgrammingError from closing a replaced cursor), and
+    the store writes again once the other program commits."""
+    path = tmp_path / "shared.db"
+    store = SqliteStore(f"sqlite:///{path}?busy_timeout=0")
+    await store.open()
+    other = sqlite3.connect(path, isolation_level=None)
+    try:
+        other.execute("BEGIN IMMEDIATE")
+        with pytest.raises(StoreError, match="locked"):
+            await store.write(lambda tx: tx.execute("INSERT INTO ip_meta (key, value) VALUES ('k', 'v')"))
+        other.execute("COMMIT")
+        await store.write(lambda tx: tx.execute("INSERT INTO ip_meta (key, value) VALUES ('k', 'v')"))
+    finally:
+        other.close()
+        await store.close()
 
 
 def test_db_upgrade_and_version(tmp_path: Path) -> None:

@@ -398,7 +398,7 @@ class Store(StoreOperations):
                 routes |= single_routes
             return out, routes
         finally:
-            cur.close()
+            _close_quietly(cur)  # its connection may have been replaced above
 
     def _send_groups(self, cur: Any, groups: Groups, commit: bool) -> list[int | list[int]]:
         """Send deferred writes (see :data:`~interplay.stores.tx.SendGroups`), in as few round
