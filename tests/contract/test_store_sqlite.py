@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import sqlite3
+import threading
 from pathlib import Path
 
 import pytest
@@ -14,6 +16,7 @@ from interplay.errors import StoreError
 from interplay.stores.base import Store
 from interplay.stores.schema import SCHEMA_VERSION
 from interplay.stores.sqlite import SqliteStore
+from interplay.stores.tx import Tx
 
 from .store_contract import StoreContract
 
@@ -25,6 +28,38 @@ class TestSqliteStore(StoreContract):
 
     def make_store(self) -> Store:
         return SqliteStore(f"sqlite:///{self.path}")
+
+
+async def test_writers_on_one_file_take_turns_instead_of_meeting_a_locked_database(tmp_path: Path) -> None:
+    """Two stores on one file stand for two processes (each has its own lock file
+    descriptor). With ``busy_timeout=0`` SQLite itself would answer the second writer
+    "database is locked" at once; the lock file makes it wait for its turn instead."""
+    url = f"sqlite:///{tmp_path / 'shared.db'}?busy_timeout=0"
+    first, second = SqliteStore(url), SqliteStore(url)
+    await first.open()
+    await second.open()
+    inside, release = threading.Event(), threading.Event()
+
+    def hold(tx: Tx) -> None:  # a write transaction that stays open until released
+        tx.execute("INSERT INTO ip_meta (key, value) VALUES ('first', '1')")
+        inside.set()
+        release.wait(10)
+
+    try:
+        holding = asyncio.create_task(first.write(hold))
+        assert await asyncio.to_thread(inside.wait, 10)
+        waiting = asyncio.create_task(second.write(
+            lambda tx: tx.execute("INSERT INTO ip_meta (key, value) VALUES ('second', '2')").rowcount))
+        await asyncio.sleep(0.2)
+        assert not waiting.done()  # neither failed nor written: waiting for its turn
+        release.set()
+        await holding
+        assert await waiting == 1
+        assert (tmp_path / "shared.db-lock").exists()
+    finally:
+        release.set()
+        await first.close()
+        await second.close()
 
 
 async def test_a_write_another_program_keeps_locked_out_fails_with_store_error(tmp_path: Path) -> None:
