@@ -19,6 +19,7 @@ from interplay import (
     App,
     ConfigurationError,
     Context,
+    MessageTooLarge,
     NonDeterminismError,
     Reject,
     Retry,
@@ -120,6 +121,38 @@ async def test_call_step_and_result(bus: Bus) -> None:
             ("notification.notify", (("notification.notify", ()),)),
         )),
     )
+
+
+@pytest.mark.buses("nats")  # the bus with a size it always refuses past (max_payload, 1 MiB here)
+async def test_a_command_or_event_too_large_for_the_bus_fails_where_the_workflow_sends_it(bus: Bus) -> None:
+    # Journaled with its outbox row, it would be relayed and refused forever while the
+    # run waited for a reply that never comes.
+    app = App("big")
+    handled: list[int] = []
+
+    @app.service("worker").command("store")
+    async def store_it(blob: str) -> int:
+        handled.append(len(blob))
+        return len(blob)
+
+    @app.workflow("upload")
+    async def upload(ctx: WorkflowContext, size: int) -> int:
+        try:
+            return int(await ctx.call("worker.store", "x" * size))
+        except MessageTooLarge:
+            return int(await ctx.call("worker.store", "a reference to the data"))
+
+    @app.workflow("announce")
+    async def announce(ctx: WorkflowContext, size: int) -> None:
+        await ctx.emit("blob.ready", {"blob": "y" * size})
+
+    async with bus.run(app) as rt:
+        assert await (await rt.start("upload", 2 << 20)).result(timeout=30) == 23
+        with pytest.raises(WorkflowFailed, match="MessageTooLarge: event 'blob.ready' is"):
+            await (await rt.start("announce", 2 << 20)).result(timeout=30)
+        outbox = await rt.store.read(lambda tx: tx.one("SELECT COUNT(*) FROM ip_outbox")[0])
+    assert handled == [23]
+    assert int(outbox) == 0
 
 
 async def test_saga_third_step_fails_compensates_first_two_in_reverse(bus: Bus) -> None:

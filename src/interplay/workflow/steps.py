@@ -17,7 +17,7 @@ from functools import lru_cache
 from typing import TYPE_CHECKING, Any
 
 from ..commands import reply_error, reply_result
-from ..errors import StepFailed, StepTimeout, WorkflowCancelled
+from ..errors import MessageTooLarge, StepFailed, StepTimeout, WorkflowCancelled
 from ..message import Message
 from ..payloads import resolve_hints, to_json
 from ..stores import workflows as ops
@@ -71,7 +71,14 @@ class Steps:
         self, state: RunState, entry: JournalEntry, outgoing: Sequence[Outgoing] = (),
         spans: Sequence[SpanRecord] = (), *, only_if_scheduled: bool = False, clear_wait: bool = False,
     ) -> bool:
-        """Journal ``entry`` (fenced by ownership); raises LeaseLost unless ``only_if_scheduled``."""
+        """Journal ``entry`` (fenced by ownership); raises LeaseLost unless ``only_if_scheduled``.
+
+        Raises:
+            MessageTooLarge: the bus would refuse one of ``outgoing`` for good; nothing is
+                journaled, so the workflow gets the error where it sent the message.
+        """
+        if outgoing and (why := self.rt.too_large(outgoing)) is not None:
+            raise MessageTooLarge(why)
         earlier = [t for t in state.background if t is not asyncio.current_task()]
         if earlier:  # ctx.now() entries go first: a store may commit in parallel
             await asyncio.gather(*earlier, return_exceptions=True)
@@ -139,7 +146,11 @@ class Steps:
             deadline = None if timeout is None else self._now() + timeout
             entry = self._entry(state, key, "call", target, "scheduled", msg_id=msg.id, data={"args": digest},
                                 deadline=deadline)
-            await self.write(state, entry, [self.rt.app.topology.outgoing(msg)])
+            try:
+                await self.write(state, entry, [self.rt.app.topology.outgoing(msg)])
+            except BaseException:
+                del self.replies[msg.id]  # never sent: no reply will come
+                raise
         else:
             # In flight when its previous owner stopped: send it again with the same id;
             # the service's inbox answers from the reply it stored the first time.
