@@ -1,14 +1,24 @@
-"""The app of benchmarks/orchestration.py and brokers.py: a 3-step order workflow, as steps or commands.
+"""The apps of benchmarks/orchestration.py and brokers.py.
+
+``app``: a 3-step order workflow, as steps or commands -
 
 * ``order``: three ``ctx.call`` commands to three services (stock, payments, shipping)
   over the bus - each command, its handling, its reply and the journal committed;
 * ``order_steps``: the same three steps as ``ctx.step`` (local functions, journaled).
 
-Importable by child processes, which host it with (from the repository root)
+``choreography``: the seed's 3-hop order flow as events - payments, shipping,
+notification; the notification calls :data:`confirmed` (set by the process that
+measures; hosted there).
+
+Importable by child processes, which host them with (from the repository root)
 ``python -m interplay run benchmarks.bench_app:app --store postgresql://...``.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
+
+from pydantic import BaseModel
 
 from interplay import App, WorkflowContext
 
@@ -56,3 +66,35 @@ async def order_steps(ctx: WorkflowContext, i: int) -> int:
     await ctx.step(charge, i)
     await ctx.step(ship, i)
     return i
+
+
+class Order(BaseModel):
+    id: int
+    amount: float = 10.0
+
+
+def _nobody_waits(order_id: int) -> None:
+    pass
+
+
+choreography = App("bench")
+confirmed: Callable[[int], None] = _nobody_waits
+"""Called with each order id the notification service confirms (in the process hosting it)."""
+
+
+@choreography.service("payments").on("order.created", emits="payment.completed")
+async def take_payment(order: Order) -> Order:
+    return order
+
+
+@choreography.service("shipping").on("payment.completed", emits="shipment.prepared")
+async def prepare_shipment(order: Order) -> Order:
+    return order
+
+
+@choreography.service("notification").on("shipment.prepared")
+async def send_confirmation(order: Order) -> None:
+    confirmed(order.id)
+
+
+choreography.flow("order", starts="order.created", ends="shipment.prepared", within=300)

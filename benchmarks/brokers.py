@@ -8,6 +8,10 @@ notification handled):
   one process on the broker, a SQLite store file per variant (``synchronous=full``;
   tracing, the inbox and the outbox on, as always);
 * ``interplay sqlite bus``: the embedded default, the store's own queue;
+* ``interplay redis:// apart``: as ``redis://``, but payments and shipping each run in
+  an ``interplay run benchmarks.bench_app:choreography --service S`` process of its own
+  on the same store file (the notification service stays with the client, which
+  measures): the one-machine deployment, using both cores; ``cpu ms`` adds theirs;
 * ``faststream redis``: FastStream's ``RedisBroker``, one ``StreamSub`` consumer group
   per service, the handler's return value published by ``@broker.publisher`` to the
   next stream, ack after the handler (FastStream's defaults otherwise: one message at
@@ -33,6 +37,8 @@ Orchestration - a workflow of three ``ctx.call`` commands to three services,
 ``--inflight`` runs at once; runs/s and p50/p99 (start -> result):
 
 * ``interplay redis://`` / ``amqp://`` / ``nats://`` / ``sqlite bus`` as above;
+* ``interplay redis:// apart``: stock, payments and shipping each in an
+  ``interplay run`` process of its own, the workflows with the client;
 * ``celery redis``: a chain of three tasks on a Redis broker; a worker subprocess
   (prefork, ``--celery-concurrency`` children); the last task pushes the order id to a
   Redis list that the client pops (no result backend: the cheapest way to learn a
@@ -62,41 +68,41 @@ import datetime
 import json
 import os
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pydantic import BaseModel
+from bench_app import Order
 
 if TYPE_CHECKING:
     from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractIncomingMessage
 
+ROOT = Path(__file__).resolve().parent.parent
 REDIS = "redis://127.0.0.1:6379/0"
 AMQP = "amqp://guest:guest@127.0.0.1:5672/"
 NATS = "nats://127.0.0.1:4222"
 BUSES = {"redis://": "redis", "amqp://": "amqp", "nats://": "nats", "sqlite bus": "sqlite"}
 
+APART = "interplay redis:// apart"
+"""The services in processes of their own (``interplay run``) on the same store file."""
 CHOREOGRAPHY = [f"choreography: interplay {b}" for b in BUSES] + [
-    "choreography: faststream redis", "choreography: redis-py loop", "choreography: redis-py batched",
-    "choreography: aio-pika batched"]
-ORCHESTRATION = [f"orchestration: interplay {b}" for b in BUSES] + ["orchestration: celery redis"]
+    f"choreography: {APART}", "choreography: faststream redis", "choreography: redis-py loop",
+    "choreography: redis-py batched", "choreography: aio-pika batched"]
+ORCHESTRATION = [f"orchestration: interplay {b}" for b in BUSES] + [f"orchestration: {APART}",
+                                                                    "orchestration: celery redis"]
 VARIANTS = CHOREOGRAPHY + ORCHESTRATION
 CHOREOGRAPHY_PEER = "choreography: faststream redis"
 ORCHESTRATION_PEER = "orchestration: celery redis"
 
 CHOREOGRAPHY_TARGET = 2000.0  # orders/s, interplay on Redis
 ORCHESTRATION_TARGET = 1000.0  # runs/s with 100 in flight, interplay on Redis
-
-
-class Order(BaseModel):
-    id: int
-    amount: float = 10.0
 
 
 def quantiles(latencies: list[float]) -> dict[str, float]:
@@ -239,47 +245,89 @@ def store_url(tmp: Path, synchronous: str) -> str:
 
 
 # --- interplay -----------------------------------------------------------------------
-async def interplay_choreography(kind: str, store: str, n: int, concurrency: int) -> dict[str, Any]:
-    from interplay import App
+async def interplay_choreography(kind: str, store: str, n: int, concurrency: int,
+                                 apart: bool = False) -> dict[str, Any]:
+    """``apart``: payments and shipping each in an ``interplay run`` process of their own."""
+    import bench_app
 
     done: dict[int, asyncio.Future[float]] = {}
-    app = App("bench")
-
-    @app.service("payments").on("order.created", emits="payment.completed")
-    async def take_payment(order: Order) -> Order:
-        return order
-
-    @app.service("shipping").on("payment.completed", emits="shipment.prepared")
-    async def prepare_shipment(order: Order) -> Order:
-        return order
-
-    @app.service("notification").on("shipment.prepared")
-    async def send_confirmation(order: Order) -> None:
-        finish(done, order.id)
-
-    app.flow("order", starts="order.created", ends="shipment.prepared", within=300)
+    bench_app.confirmed = lambda order_id: finish(done, order_id)
     bus = Bus(kind)
+    assert bus.url is not None or not apart
     try:
-        async with app.run(store=store, bus=bus.url) as rt:
+        async with contextlib.AsyncExitStack() as stack:
+            others = ["payments", "shipping"] if apart else []
+            helpers = await stack.enter_async_context(hosted_apart("choreography", others, store, bus.url))
+            rt = await stack.enter_async_context(bench_app.choreography.run(
+                store=store, bus=bus.url, services=["notification"] if apart else None))
             bus.transports.append(rt.transport)
 
             async def publish(i: int) -> None:
                 await rt.publish("order.created", Order(id=i))
 
             await drive(min(500, n), concurrency, publish, done, first=-1_000_000)  # warm up
+            helpers.start()
             measured, lat = await drive(n, concurrency, publish, done)
             await rt.settled(timeout=120)
+            return result(n, lat, measured, measured.cpu + helpers.cpu(), **helpers.extra())
     finally:
         await bus.cleanup()
-    return result(n, lat, measured)
 
 
-async def interplay_orchestration(kind: str, store: str, runs: int, inflight: int) -> dict[str, Any]:
+class Helpers:
+    """The ``interplay run`` processes of a variant: their CPU time from :meth:`start` on."""
+
+    def __init__(self, procs: list[asyncio.subprocess.Process]) -> None:
+        self.procs = procs
+        self.began = 0.0
+
+    def start(self) -> None:
+        self.began = sum(process_tree_cpu(p.pid) for p in self.procs)
+
+    def cpu(self) -> float:
+        return sum(process_tree_cpu(p.pid) for p in self.procs) - self.began if self.procs else 0.0
+
+    def extra(self) -> dict[str, Any]:
+        return {"processes": 1 + len(self.procs)} if self.procs else {}
+
+
+@contextlib.asynccontextmanager
+async def hosted_apart(app: str, services: list[str], store: str, bus: str | None) -> AsyncIterator[Helpers]:
+    """One ``interplay run benchmarks.bench_app:<app> --service S`` process per service,
+    on the same store file and bus; yielded once each says it is hosting (subscribed)."""
+    procs: list[asyncio.subprocess.Process] = []
+    try:
+        for service in services:
+            procs.append(await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "interplay", "run", f"benchmarks.bench_app:{app}", "--service", service,
+                "--no-orchestrator", "--store", store, "--bus", str(bus),
+                cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
+                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+            ))
+        for proc in procs:
+            assert proc.stdout is not None
+            line = await asyncio.wait_for(proc.stdout.readline(), 60)
+            if b"hosting" not in line:
+                raise RuntimeError(f"an interplay run process did not start: {line!r}")
+        yield Helpers(procs)
+    finally:
+        for proc in procs:
+            if proc.returncode is None:
+                proc.send_signal(signal.SIGTERM)
+        await asyncio.gather(*(asyncio.wait_for(proc.wait(), 30) for proc in procs))
+
+
+async def interplay_orchestration(kind: str, store: str, runs: int, inflight: int,
+                                  apart: bool = False) -> dict[str, Any]:
+    """``apart``: the three services each in an ``interplay run`` process of their own."""
     from bench_app import app  # the 3-command "order" workflow of benchmarks/orchestration.py too
 
     bus = Bus(kind)
     try:
-        async with app.run(store=store, bus=bus.url) as rt:
+        async with contextlib.AsyncExitStack() as stack:
+            others = ["stock", "payments", "shipping"] if apart else []
+            helpers = await stack.enter_async_context(hosted_apart("app", others, store, bus.url))
+            rt = await stack.enter_async_context(app.run(store=store, bus=bus.url, services=[] if apart else None))
             bus.transports.append(rt.transport)
 
             async def start(i: int) -> None:
@@ -287,10 +335,11 @@ async def interplay_orchestration(kind: str, store: str, runs: int, inflight: in
                 await handle.result(timeout=120)
 
             await parallel(start, min(200, runs), inflight, first=-1_000_000)  # warm up
+            helpers.start()
             measured, lat = await parallel(start, runs, inflight)
+            return result(runs, lat, measured, measured.cpu + helpers.cpu(), **helpers.extra())
     finally:
         await bus.cleanup()
-    return result(runs, lat, measured)
 
 
 async def parallel(start: Callable[[int], Awaitable[Any]], runs: int, inflight: int,
@@ -665,12 +714,13 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
     kind, _, name = variant.partition(": ")
     server = "amqp" if name.startswith("aio-pika") else next((s for s in SERVERS if s in name), None)
     if name.startswith("interplay "):
-        bus = BUSES[name.removeprefix("interplay ")]
+        apart = name == APART
+        bus = "redis" if apart else BUSES[name.removeprefix("interplay ")]
         with tempfile.TemporaryDirectory() as tmp:
             store = store_url(Path(tmp), args.synchronous)
             if kind == "choreography":
-                return asyncio.run(interplay_choreography(bus, store, args.orders, args.concurrency))
-            return asyncio.run(interplay_orchestration(bus, store, args.runs, args.inflight))
+                return asyncio.run(interplay_choreography(bus, store, args.orders, args.concurrency, apart))
+            return asyncio.run(interplay_orchestration(bus, store, args.runs, args.inflight, apart))
     if name == "faststream redis":
         return asyncio.run(faststream_choreography(args.orders, args.concurrency))
     if name == "redis-py loop":
@@ -765,9 +815,9 @@ def report(results: dict[str, dict[str, Any] | str], args: argparse.Namespace) -
 
 
 def target(variant: str, rate: float, redis_rate: float | None) -> str:
-    if variant == "choreography: interplay redis://":
+    if variant in ("choreography: interplay redis://", f"choreography: {APART}"):
         return f">= {CHOREOGRAPHY_TARGET:,.0f}: {'ok' if rate >= CHOREOGRAPHY_TARGET else 'MISSED'}"
-    if variant == "orchestration: interplay redis://":
+    if variant in ("orchestration: interplay redis://", f"orchestration: {APART}"):
         return f">= {ORCHESTRATION_TARGET:,.0f}: {'ok' if rate >= ORCHESTRATION_TARGET else 'MISSED'}"
     if "amqp://" in variant or "nats://" in variant:
         if redis_rate is None:

@@ -27,14 +27,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel
-
-from interplay import App
-
-
-class Order(BaseModel):
-    id: int
-    amount: float = 10.0
+from bench_app import Order
 
 
 class Result:
@@ -100,31 +93,18 @@ async def naive(n: int, concurrency: int) -> Result:
 
 
 # --- interplay ----------------------------------------------------------------------
-def order_app(done: dict[int, asyncio.Future[float]]) -> App:
-    app = App("bench")
+async def interplay(name: str, n: int, concurrency: int, store: str, bus: str | None, **options: Any) -> Result:
+    import bench_app  # the same three services as benchmarks/brokers.py's
 
-    @app.service("payments").on("order.created", emits="payment.completed")
-    async def take_payment(order: Order) -> Order:
-        return order
+    done: dict[int, asyncio.Future[float]] = {}
 
-    @app.service("shipping").on("payment.completed", emits="shipment.prepared")
-    async def prepare_shipment(order: Order) -> Order:
-        return order
-
-    @app.service("notification").on("shipment.prepared")
-    async def send_confirmation(order: Order) -> None:
-        fut = done.get(order.id)
+    def confirmed(order_id: int) -> None:
+        fut = done.get(order_id)
         if fut is not None and not fut.done():
             fut.set_result(time.perf_counter())
 
-    app.flow("order", starts="order.created", ends="shipment.prepared", within=60)
-    return app
-
-
-async def interplay(name: str, n: int, concurrency: int, store: str, bus: str | None, **options: Any) -> Result:
-    done: dict[int, asyncio.Future[float]] = {}
-    app = order_app(done)
-    async with app.run(store=store, bus=bus, **options) as rt:
+    bench_app.confirmed = confirmed
+    async with bench_app.choreography.run(store=store, bus=bus, **options) as rt:
         await drive(min(500, n), concurrency, lambda i: _publish(rt, i), done)  # warm up
         done.clear()
         elapsed, lat = await drive(n, concurrency, lambda i: _publish(rt, i), done)
