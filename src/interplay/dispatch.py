@@ -52,7 +52,8 @@ class Consumer:
         self._stopping = False
         self._tasks: list[asyncio.Task[None]] = []
         self._limits: dict[str, asyncio.Semaphore] = {}
-        self._running: dict[str, asyncio.Event] = {}  # message id -> done, for in-flight duplicates
+        # message id -> set when its handling ends (made only once a duplicate waits for it)
+        self._running: dict[str, asyncio.Event | None] = {}
         self.handled = 0
 
     @property
@@ -142,16 +143,19 @@ class Consumer:
     # ------------------------------------------------------------------ handling
     async def _handle_safely(self, d: Delivery) -> None:
         msg_id = d.message.id if d.message is not None else None
-        done: asyncio.Event | None = None
+        mine = False
         if msg_id is not None and not d.duplicate:
-            running = self._running.get(msg_id)
-            if running is not None:
+            if msg_id in self._running:
                 # The same message is being handled right now (a duplicate delivery):
                 # wait for that handling, then ask the inbox instead of running it twice.
+                running = self._running[msg_id]
+                if running is None:
+                    running = self._running[msg_id] = asyncio.Event()
                 await running.wait()
                 await self._mark_duplicates([d])
             else:
-                done = self._running[msg_id] = asyncio.Event()
+                self._running[msg_id] = None
+                mine = True
         try:
             if d.message is None or not self.rt.instrumentation.observers:
                 await self._handle(d)
@@ -173,9 +177,10 @@ class Consumer:
         except Exception:
             log.exception("%s: could not settle message; it will be redelivered", self.group)
         finally:
-            if done is not None:
-                del self._running[msg_id]  # type: ignore[arg-type]
-                done.set()
+            if mine:
+                done = self._running.pop(msg_id)  # type: ignore[arg-type]
+                if done is not None:
+                    done.set()
 
     async def _handle(self, d: Delivery) -> None:
         msg = d.message

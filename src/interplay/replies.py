@@ -79,6 +79,9 @@ class ReplyInbox:
 
     def deliver_local(self, msg: Message) -> None:
         """Take a message for this route that this process wrote (already journaled)."""
+        if msg.type != WAKE:  # nothing to wait for: resolve the waiter now, not in a task of its own
+            self._resolve(msg)
+            return
         task = asyncio.get_running_loop().create_task(self._dispatch(msg))
         self._inflight.add(task)
         task.add_done_callback(self._inflight.discard)
@@ -104,14 +107,22 @@ class ReplyInbox:
             await self._dispatch(msg)
 
     async def _dispatch(self, msg: Message) -> None:
+        if msg.type != WAKE:
+            self._resolve(msg)
+            return
+        try:
+            await self.rt.engine.on_wake(msg)
+        except Exception:  # a workflow-side failure must not kill the inbox
+            log.exception("handling wake %s failed", msg.id)
+
+    def _resolve(self, msg: Message) -> None:
+        """A reply or a cancel request: hand it to whoever waits, at once."""
         engine = self.rt.engine
         try:
-            if msg.type == WAKE:
-                await engine.on_wake(msg)
-            elif msg.type == CANCEL:
+            if msg.type == CANCEL:
                 engine.cancel_local(str((msg.payload or {}).get("run_id")))
             elif "x-run" in msg.headers:
-                await engine.on_reply(msg)
+                engine.on_reply(msg)
             else:
                 fut = self.calls.get(msg.causation_id or "")
                 if fut is not None and not fut.done():

@@ -417,10 +417,9 @@ class Engine(Steps):
             if self._watcher is None or self._watcher.done():
                 await self._listen()
                 self._watcher = asyncio.get_running_loop().create_task(self._watch_loop(), name="interplay-watch")
-        try:
-            await asyncio.wait_for(event.wait(), timeout)
-        except TimeoutError:
-            pass
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(timeout):  # no task of its own, unlike wait_for
+                await event.wait()
 
     async def _watch_loop(self) -> None:
         """One query for all runs awaited here but executed elsewhere, instead of one each."""

@@ -173,7 +173,7 @@ class Steps:
             self.replies.pop(msg.id, None)
         return reply_result(target, body)
 
-    async def on_reply(self, msg: Message) -> None:
+    def on_reply(self, msg: Message) -> None:
         """A command's reply was committed to the journal; resume the workflow awaiting it."""
         run_id, key = msg.headers.get("x-run"), msg.headers.get("x-key")
         fut = self.replies.get(msg.causation_id or "")
