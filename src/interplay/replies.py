@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Coroutine
 from typing import TYPE_CHECKING, Any
 
 from .commands import CANCEL, is_workflow_reply, recorder
@@ -73,16 +74,18 @@ class ReplyInbox:
                 await asyncio.sleep(0.5)
                 continue
             for d in deliveries:
-                task = asyncio.get_running_loop().create_task(self._handle(d))
-                self._inflight.add(task)
-                task.add_done_callback(self._inflight.discard)
+                self._spawn(self._handle(d))
 
     def deliver_local(self, msg: Message) -> None:
-        """Take a message for this route that this process wrote (already journaled)."""
+        """Take a message for this route, committed (journaled): one this process wrote,
+        or one that came by the bus and was just settled."""
         if msg.type != WAKE:  # nothing to wait for: resolve the waiter now, not in a task of its own
             self._resolve(msg)
-            return
-        task = asyncio.get_running_loop().create_task(self._dispatch(msg))
+        else:
+            self._spawn(self._dispatch(msg))
+
+    def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(work)
         self._inflight.add(task)
         task.add_done_callback(self._inflight.discard)
 
@@ -97,19 +100,19 @@ class ReplyInbox:
         )
         try:
             result, relay = await self.rt.store.settle(settlement, self.rt.clock.now(), self.rt.delivery_mode)
-            await self.rt.relay(relay)
-            if not self.rt.transport.store_bound and self.sub is not None:
-                await self.sub.ack([d])
         except (TransportError, StoreError) as exc:
             log.warning("reply not settled (%s); it will come again", exc)
             return
         if msg is not None and result != "stale":
-            await self._dispatch(msg)
+            self.deliver_local(msg)  # committed: the waiter need not wait for the ack too
+        try:
+            await self.rt.relay(relay)
+            if not self.rt.transport.store_bound and self.sub is not None:
+                await self.sub.ack([d])
+        except (TransportError, StoreError) as exc:
+            log.warning("reply not acknowledged (%s); it will come again, and be dropped as a duplicate", exc)
 
     async def _dispatch(self, msg: Message) -> None:
-        if msg.type != WAKE:
-            self._resolve(msg)
-            return
         try:
             await self.rt.engine.on_wake(msg)
         except Exception:  # a workflow-side failure must not kill the inbox
