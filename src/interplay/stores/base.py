@@ -346,9 +346,10 @@ class Store(StoreOperations):
         send = self._send_groups if batching and self.DEFER else None
         tx = Tx(cur, self._convert, self.local_routes, self._flow_lock(), send_groups=send)
         after: list[PrecommitResult] = []
-        committing = False
+        committing = began = False
         try:
             self._begin(cur)
+            began = True
             results = []
             for i, op in enumerate(ops):
                 tx.op = i
@@ -378,6 +379,13 @@ class Store(StoreOperations):
                 err = StoreError(f"store commit outcome unknown (connection lost): {exc}")
                 err.__cause__ = exc
                 return [_Failed(err)] * len(ops), set()
+            if not began:
+                # No op ran: no op is to blame (SQLite locked by another program, a dead
+                # connection). Once more together after the reconnect above, then give up:
+                # re-running each op alone would wait out a lock once per op.
+                if attempt == 0:
+                    return self._apply(ops, 1, batching)
+                return [_Failed(self._translate(exc))] * len(ops), set()
             if len(ops) == 1:
                 if send is not None and isinstance(exc, BatchConflict):
                     return self._apply(ops, attempt, batching=False)
