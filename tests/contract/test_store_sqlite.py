@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import fcntl
+import os
 import sqlite3
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -32,12 +35,14 @@ class TestSqliteStore(StoreContract):
 
 async def test_writers_on_one_file_take_turns_instead_of_meeting_a_locked_database(tmp_path: Path) -> None:
     """Two stores on one file stand for two processes (each has its own lock file
-    descriptor). With ``busy_timeout=0`` SQLite itself would answer the second writer
-    "database is locked" at once; the lock file makes it wait for its turn instead."""
-    url = f"sqlite:///{tmp_path / 'shared.db'}?busy_timeout=0"
+    descriptor). The second's SQLite connection is told not to wait at all (busy
+    timeout 0), so SQLite alone would answer it "database is locked" at once; the lock
+    file makes it wait for its turn instead, and write the moment the first commits."""
+    url = f"sqlite:///{tmp_path / 'shared.db'}"
     first, second = SqliteStore(url), SqliteStore(url)
     await first.open()
     await second.open()
+    await second.write(lambda tx: tx.execute("PRAGMA busy_timeout = 0"))
     inside, release = threading.Event(), threading.Event()
 
     def hold(tx: Tx) -> None:  # a write transaction that stays open until released
@@ -62,6 +67,43 @@ async def test_writers_on_one_file_take_turns_instead_of_meeting_a_locked_databa
         await second.close()
 
 
+async def test_a_writer_waits_for_its_turn_at_most_busy_timeout(tmp_path: Path) -> None:
+    """A process stuck inside a write transaction holds up the others only for
+    ``busy_timeout``: then their writes fail with StoreError (and the stores close)."""
+    url = f"sqlite:///{tmp_path / 'shared.db'}?busy_timeout=300"
+    first, second = SqliteStore(url), SqliteStore(url)
+    await first.open()
+    await second.open()
+    inside, release = threading.Event(), threading.Event()
+
+    def hold(tx: Tx) -> None:
+        tx.execute("INSERT INTO ip_meta (key, value) VALUES ('first', '1')")
+        inside.set()
+        release.wait(10)
+
+    try:
+        holding = asyncio.create_task(first.write(hold))
+        assert await asyncio.to_thread(inside.wait, 10)
+        with pytest.raises(StoreError, match=r"held the write lock for over 0\.3s"):
+            await asyncio.wait_for(second.write(lambda tx: tx.execute("SELECT 1")), 5)
+        release.set()
+        await holding
+        await second.write(lambda tx: tx.execute("INSERT INTO ip_meta (key, value) VALUES ('second', '2')"))
+    finally:
+        release.set()
+        await first.close()
+        await asyncio.wait_for(second.close(), 5)
+
+
+async def test_an_in_memory_store_keeps_no_lock_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    store = SqliteStore("memory://")
+    await store.open()
+    await store.write(lambda tx: tx.execute("INSERT INTO ip_meta (key, value) VALUES ('k', 'v')"))
+    await store.close()
+    assert [p.name for p in await asyncio.to_thread(lambda: list(tmp_path.iterdir()))] == []
+
+
 async def test_a_write_another_program_keeps_locked_out_fails_with_store_error(tmp_path: Path) -> None:
     """Not every writer takes turns: past ``busy_timeout`` the op fails with StoreError
     (it once surfaced as sqlite3.ProgrammingError from closing a replaced cursor), and
@@ -77,6 +119,48 @@ async def test_a_write_another_program_keeps_locked_out_fails_with_store_error(t
         other.execute("COMMIT")
         await store.write(lambda tx: tx.execute("INSERT INTO ip_meta (key, value) VALUES ('k', 'v')"))
     finally:
+        other.close()
+        await store.close()
+
+
+async def test_a_batch_that_cannot_begin_fails_together_not_op_by_op(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Locked out at BEGIN (by a program that is not interplay), no op is to blame: the
+    batch tries once more as a whole, then fails, instead of each op waiting out the
+    lock again on its own (20 ops x 30 s by default)."""
+    path = tmp_path / "shared.db"
+    begins: list[str] = []
+    connect = SqliteStore._connect
+
+    def traced(self: SqliteStore, role: str) -> sqlite3.Connection:
+        conn = connect(self, role)
+        if role == "writer":
+            conn.set_trace_callback(lambda sql: begins.append(sql) if sql.startswith("BEGIN") else None)
+        return conn
+
+    def insert(key: str) -> Callable[[Tx], object]:
+        return lambda tx: tx.execute("INSERT INTO ip_meta (key, value) VALUES (?, 'v')", (key,))
+
+    monkeypatch.setattr(SqliteStore, "_connect", traced)
+    store = SqliteStore(f"sqlite:///{path}?busy_timeout=200")
+    await store.open()
+    other = sqlite3.connect(path, isolation_level=None)
+    turn = os.open(f"{path}-lock", os.O_RDONLY)
+    try:
+        fcntl.flock(turn, fcntl.LOCK_EX)  # the writer takes the first op, then waits for its turn
+        first = asyncio.ensure_future(store.write(insert("first")))
+        await asyncio.sleep(0.05)
+        queued = asyncio.gather(*(store.write(insert(str(i))) for i in range(10)), return_exceptions=True)
+        await asyncio.sleep(0.05)  # ... while these queue up as one batch
+        other.execute("BEGIN IMMEDIATE")
+        begins.clear()
+        fcntl.flock(turn, fcntl.LOCK_UN)
+        outcomes = [*await asyncio.gather(first, return_exceptions=True), *await queued]
+        assert all(isinstance(o, StoreError) and "locked" in str(o) for o in outcomes), outcomes
+        assert len(begins) == 4  # each batch, then each batch again; not once more per op
+    finally:
+        os.close(turn)
         other.close()
         await store.close()
 

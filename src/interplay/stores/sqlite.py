@@ -13,16 +13,19 @@ Several processes on one file take turns at writing through a lock file beside i
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import sqlite3
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from queue import SimpleQueue
 from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
-from ..errors import ConfigurationError
+from ..errors import ConfigurationError, StoreError
 from .base import Store
 from .tx import Tx
 
@@ -83,21 +86,39 @@ class SqliteStore(Store):
     def _apply(self, ops: list[Callable[[Tx], Any]], attempt: int = 0, batching: bool = True,
                ) -> tuple[list[Any], set[str]]:
         if self._turns is None:
-            if not self.durable or fcntl is None:
-                return super()._apply(ops, attempt, batching)
-            self._turns = _WriteTurns(self.path + "-lock")
+            return super()._apply(ops, attempt, batching)
         with self._turns:
             return super()._apply(ops, attempt, batching)
 
-    async def close(self) -> None:
-        """Finish pending writes, disconnect, and let go of the lock file."""
-        await super().close()
-        if self._turns is not None:
-            self._turns.close()
+    async def open(self) -> None:
+        """Connect and create or upgrade the schema (see :meth:`Store.open`)."""
+        try:
+            await super().open()
+        except BaseException:
+            if self._turns is not None:  # no writer thread started to close it
+                self._turns.close()
+                self._turns = None
+            raise
+
+    def _migrate(self) -> None:
+        if self._turns is None:
+            super()._migrate()
+            return
+        with self._turns:
+            super()._migrate()
+
+    def _writer_loop(self, loop: asyncio.AbstractEventLoop, conn: Any) -> None:
+        try:
+            super()._writer_loop(loop, conn)
+        finally:
+            if self._turns is not None:  # on this thread: no transaction can be holding it now
+                self._turns.close()
 
     def _connect(self, role: str) -> Any:
         if self.durable:
             Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+            if role == "writer" and self._turns is None and fcntl is not None:
+                self._turns = _WriteTurns(os.path.abspath(self.path) + "-lock", self.busy_timeout_ms / 1000)
         conn = sqlite3.connect(
             self.path,
             isolation_level=None,  # we issue BEGIN/COMMIT ourselves
@@ -157,36 +178,103 @@ class _WriteTurns:
     which sleeps 1, 2, 5, 10 ... up to 100 ms between tries, so a write lock freed
     after 2 ms may stay unused for 20. With every process of an app group-committing
     on the same file (one process per service), that idled the writers and cost more
-    than the second process gained. A blocking ``flock`` instead wakes the next writer
-    the moment the lock is released (and a crashed holder releases it with its file
-    descriptors). SQLite's own locking still decides: this only orders interplay's
-    writers, and another program writing the file is waited for as before.
+    than the second process gained. A writer waiting in a blocking ``flock`` instead
+    is woken by the kernel the moment the lock is released (and a crashed holder
+    releases it with its file descriptors). Polling ``LOCK_NB`` every 0.05-1 ms kept
+    only a third of the gain, so the blocking wait runs on a thread of its own
+    (``interplay-sqlite-turns``), which lets the writer give up after ``timeout`` (the
+    store's ``busy_timeout``) with :class:`StoreError`, as SQLite would.
 
-    Held for each write transaction (BEGIN to COMMIT or ROLLBACK) by the store's one
-    writer thread; re-entrant, as a failed batch is re-run inside the first attempt.
-    If the lock file cannot be opened (a read-only directory), writers go on without it.
+    SQLite's own locking still decides: this only orders interplay's writers; another
+    program writing the file is waited for in SQLite's busy handler as before. Held
+    for each write transaction (BEGIN to COMMIT or ROLLBACK) and the migration at open,
+    by one thread at a time; re-entrant, as a failed batch is re-run inside the first
+    attempt. Where the lock file cannot be opened (a read-only directory) or locked (a
+    file system without ``flock``), writers go on without it.
     """
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, timeout: float) -> None:
         self.path = path
+        self.timeout = timeout
         self._depth = 0
         self._fd: int | None = None
+        self._waiter: threading.Thread | None = None
+        self._requests: SimpleQueue[_Turn | None] = SimpleQueue()
         try:
             self._fd = os.open(path, os.O_RDONLY | os.O_CREAT, 0o644)  # flock needs no write access
         except OSError as exc:
             log.warning("store: cannot open the write lock file %s (%s); writers wait in SQLite instead", path, exc)
 
     def __enter__(self) -> None:
+        if self._depth == 0 and self._fd is not None:
+            self._take(self._fd)
         self._depth += 1
-        if self._depth == 1 and self._fd is not None:
-            fcntl.flock(self._fd, fcntl.LOCK_EX)
 
     def __exit__(self, *exc: object) -> None:
         self._depth -= 1
         if self._depth == 0 and self._fd is not None:
             fcntl.flock(self._fd, fcntl.LOCK_UN)
 
+    def _take(self, fd: int) -> None:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return
+        except BlockingIOError:
+            pass
+        except OSError as exc:  # no flock here (some network file systems)
+            log.warning("store: cannot lock %s (%s); writers wait in SQLite instead", self.path, exc)
+            self.close()
+            return
+        if self._waiter is None:
+            self._waiter = threading.Thread(target=self._wait_loop, args=(fd,), name="interplay-sqlite-turns",
+                                            daemon=True)
+            self._waiter.start()
+        turn = _Turn()
+        self._requests.put(turn)
+        if turn.given.wait(self.timeout):
+            return
+        with turn.lock:
+            if turn.given.is_set():  # given just now
+                return
+            turn.abandoned = True  # the waiter lets it go when it gets it
+        raise StoreError(f"store {self.path}: another process has held the write lock for over {self.timeout:g}s")
+
+    def _wait_loop(self, fd: int) -> None:
+        # The lock belongs to the file description, not to this thread: the writer that
+        # asked for it releases it. This thread alone closes the descriptor once it has
+        # started, so that no flock here ever names a descriptor number reused since.
+        try:
+            while (turn := self._requests.get()) is not None:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX)
+                except OSError as exc:  # unexpected; the writer times out and fails its batch
+                    log.warning("store: waiting for the write lock %s failed: %s", self.path, exc)
+                    continue
+                with turn.lock:
+                    if turn.abandoned:
+                        fcntl.flock(fd, fcntl.LOCK_UN)
+                    else:
+                        turn.given.set()
+        finally:
+            os.close(fd)
+
     def close(self) -> None:
-        if self._fd is not None:
-            os.close(self._fd)
-            self._fd = None
+        """Let go of the lock file (on the thread that writes, once it has stopped)."""
+        fd, self._fd = self._fd, None
+        if fd is None:
+            return
+        if self._waiter is not None:
+            self._requests.put(None)  # the waiter closes it
+        else:
+            os.close(fd)
+
+
+class _Turn:
+    """One request for the write lock, from the writer to the waiting thread."""
+
+    __slots__ = ("abandoned", "given", "lock")
+
+    def __init__(self) -> None:
+        self.given = threading.Event()
+        self.lock = threading.Lock()
+        self.abandoned = False
