@@ -14,7 +14,7 @@ import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from ..commands import reply_error, reply_result
 from ..errors import MessageTooLarge, StepFailed, StepTimeout, WorkflowCancelled
@@ -148,6 +148,9 @@ class Steps:
                                 deadline=deadline)
             try:
                 await self.write(state, entry, [self.rt.app.topology.outgoing(msg)])
+            except MessageTooLarge as exc:
+                del self.replies[msg.id]
+                await self._refused(state, key, "call", target, exc)
             except BaseException:
                 del self.replies[msg.id]  # never sent: no reply will come
                 raise
@@ -288,14 +291,24 @@ class Steps:
         assert state.ctx is not None
         entry = state.ctx.check(key, "emit", event)
         if entry is not None:
-            return entry.msg_id or ""
+            return _outcome(entry) if entry.status == "failed" else entry.msg_id or ""
         self._fresh(state)
         msg = Message(type=event, payload=data, kind="event", flow_id=state.run.flow_id,
                       causation_id=state.root_id, source=state.source)
         self.rt.instrumentation.published(msg)
-        await self.write(state, self._entry(state, key, "emit", event, "completed", msg_id=msg.id),
-                         [self.rt.app.topology.outgoing(msg)])
+        try:
+            await self.write(state, self._entry(state, key, "emit", event, "completed", msg_id=msg.id),
+                             [self.rt.app.topology.outgoing(msg)])
+        except MessageTooLarge as exc:
+            await self._refused(state, key, "emit", event, exc)
         return msg.id
+
+    async def _refused(self, state: RunState, key: int, kind: str, name: str, exc: MessageTooLarge) -> NoReturn:
+        """A call or emit the bus would never take: journal it as failed (nothing sent),
+        so that a replay raises the same error whatever the bus's limit is by then."""
+        failed = self._entry(state, key, kind, name, "failed", error_type="MessageTooLarge", error=str(exc))
+        await self.write(state, failed)
+        raise step_failed(failed) from exc
 
     async def wait(self, state: RunState, key: int, kind: str, name: str, wait_type: str,
                    match: Callable[[Any], bool], timeout: float | None) -> Any:
