@@ -77,7 +77,7 @@ def _nobody_waits(order_id: int) -> None:
     pass
 
 
-choreography = App("bench")
+choreography = App("bench-choreography")
 confirmed: Callable[[int], None] = _nobody_waits
 """Called with each order id the notification service confirms (in the process hosting it)."""
 

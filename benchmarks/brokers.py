@@ -268,8 +268,9 @@ async def interplay_choreography(kind: str, store: str, n: int, concurrency: int
             await drive(min(500, n), concurrency, publish, done, first=-1_000_000)  # warm up
             helpers.start()
             measured, lat = await drive(n, concurrency, publish, done)
+            helpers_cpu = helpers.cpu()  # over the same span as this process's
             await rt.settled(timeout=120)
-            return result(n, lat, measured, measured.cpu + helpers.cpu(), **helpers.extra())
+            return result(n, lat, measured, measured.cpu + helpers_cpu, **helpers.extra())
     finally:
         await bus.cleanup()
 
@@ -294,27 +295,36 @@ class Helpers:
 @contextlib.asynccontextmanager
 async def hosted_apart(app: str, services: list[str], store: str, bus: str | None) -> AsyncIterator[Helpers]:
     """One ``interplay run benchmarks.bench_app:<app> --service S`` process per service,
-    on the same store file and bus; yielded once each says it is hosting (subscribed)."""
+    on the same store file and bus; yielded once each says it is hosting (subscribed).
+    Their stderr goes to a file beside the store, shown if one does not start."""
     procs: list[asyncio.subprocess.Process] = []
+    logs = Path(store.removeprefix("sqlite:///")).parent
     try:
         for service in services:
-            procs.append(await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "interplay", "run", f"benchmarks.bench_app:{app}", "--service", service,
-                "--no-orchestrator", "--store", store, "--bus", str(bus),
-                cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
-                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-            ))
-        for proc in procs:
+            with open(logs / f"{service}.log", "wb") as log:  # noqa: ASYNC230 - before anything is measured
+                procs.append(await asyncio.create_subprocess_exec(
+                    sys.executable, "-m", "interplay", "run", f"benchmarks.bench_app:{app}", "--service", service,
+                    "--no-orchestrator", "--store", store, "--bus", str(bus),
+                    cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
+                    stdout=subprocess.PIPE, stderr=log,
+                ))
+        for service, proc in zip(services, procs, strict=True):
             assert proc.stdout is not None
             line = await asyncio.wait_for(proc.stdout.readline(), 60)
             if b"hosting" not in line:
-                raise RuntimeError(f"an interplay run process did not start: {line!r}")
+                tail = (logs / f"{service}.log").read_text(errors="replace").strip().splitlines()[-3:]
+                raise RuntimeError(f"interplay run --service {service} did not start: {' | '.join(tail)}")
         yield Helpers(procs)
     finally:
         for proc in procs:
-            if proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
                 proc.send_signal(signal.SIGTERM)
-        await asyncio.gather(*(asyncio.wait_for(proc.wait(), 30) for proc in procs))
+        for proc in procs:
+            try:
+                await asyncio.wait_for(proc.wait(), 30)
+            except TimeoutError:
+                proc.kill()
+                await proc.wait()
 
 
 async def interplay_orchestration(kind: str, store: str, runs: int, inflight: int,
