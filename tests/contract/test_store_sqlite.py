@@ -20,6 +20,7 @@ from interplay.stores.base import Store
 from interplay.stores.schema import SCHEMA_VERSION
 from interplay.stores.sqlite import SqliteStore
 from interplay.stores.tx import Tx
+from interplay.testing import wait_until
 
 from .store_contract import StoreContract
 
@@ -150,9 +151,10 @@ async def test_a_batch_that_cannot_begin_fails_together_not_op_by_op(
     try:
         fcntl.flock(turn, fcntl.LOCK_EX)  # the writer takes the first op, then waits for its turn
         first = asyncio.ensure_future(store.write(insert("first")))
-        await asyncio.sleep(0.05)
+        await wait_until(lambda: store._turns is not None and store._turns._waiter is not None,
+                         message="the writer waiting for its turn")
         queued = asyncio.gather(*(store.write(insert(str(i))) for i in range(10)), return_exceptions=True)
-        await asyncio.sleep(0.05)  # ... while these queue up as one batch
+        await wait_until(lambda: store._queue.qsize() == 10, message="the next batch queued")
         other.execute("BEGIN IMMEDIATE")
         begins.clear()
         fcntl.flock(turn, fcntl.LOCK_UN)
