@@ -6,16 +6,21 @@ dataclass, a TypedDict, ``dict``, a primitive, or none at all (anything JSON).
 
 from __future__ import annotations
 
+import functools
 import inspect
+from collections.abc import Callable
 from functools import lru_cache
-from typing import Any, get_type_hints
+from typing import Any, TypeVar, get_type_hints
 
 import pydantic
 import pydantic_core
 
 from .errors import ValidationFailed
 
-__all__ = ["PayloadType", "describe_validation_error", "resolve_hints", "to_json"]
+__all__ = ["PayloadType", "describe_validation_error", "remembered", "resolve_hints", "to_json"]
+
+K = TypeVar("K")
+V = TypeVar("V")
 
 
 class PayloadType:
@@ -47,16 +52,29 @@ class PayloadType:
         return {} if self._adapter is None else self._adapter.json_schema()
 
 
-def _adapter(annotation: Any) -> pydantic.TypeAdapter[Any]:
-    try:
-        return _cached_adapter(annotation)
-    except TypeError:  # an unhashable annotation (e.g. Annotated with a list in it)
-        return pydantic.TypeAdapter(annotation)
+def remembered(maxsize: int) -> Callable[[Callable[[K], V]], Callable[[K], V]]:
+    """``functools.lru_cache`` for a function of one argument, except that an unhashable
+    argument (an ``Annotated`` with a list in it, a callable object with ``__eq__`` only)
+    is computed each time instead of raising TypeError. An exception is not remembered."""
+
+    def decorate(fn: Callable[[K], V]) -> Callable[[K], V]:
+        cached = lru_cache(maxsize=maxsize)(fn)
+
+        @functools.wraps(fn)
+        def call(arg: K) -> V:
+            try:
+                hash(arg)
+            except TypeError:
+                return fn(arg)
+            return cached(arg)
+
+        return call
+
+    return decorate
 
 
-@lru_cache(maxsize=512)
-def _cached_adapter(annotation: Any) -> pydantic.TypeAdapter[Any]:
-    return pydantic.TypeAdapter(annotation)
+_adapter = remembered(512)(pydantic.TypeAdapter)
+_complete_hints = remembered(4096)(get_type_hints)
 
 
 def resolve_hints(fn: Any) -> dict[str, Any]:
@@ -69,13 +87,7 @@ def resolve_hints(fn: Any) -> dict[str, Any]:
     the dict returned is shared: do not change it.
     """
     try:
-        hash(fn)
-    except TypeError:  # a callable object with __eq__ only: not remembered
-        remember = False
-    else:
-        remember = True
-    try:
-        return _complete_hints(fn) if remember else get_type_hints(fn)
+        return _complete_hints(fn)
     except Exception:  # a name not resolvable (yet): resolve the others one by one, each time
         pass
     hints: dict[str, Any] = {}
@@ -88,11 +100,6 @@ def resolve_hints(fn: Any) -> dict[str, Any]:
                 continue
         hints[name] = annotation
     return hints
-
-
-@lru_cache(maxsize=4096)
-def _complete_hints(fn: Any) -> dict[str, Any]:
-    return get_type_hints(fn)  # an exception is not cached
 
 
 def describe_validation_error(exc: pydantic.ValidationError, annotation: Any) -> str:

@@ -13,13 +13,12 @@ import inspect
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from functools import lru_cache
 from typing import TYPE_CHECKING, Any, NoReturn
 
 from ..commands import reply_error, reply_result
 from ..errors import MessageTooLarge, StepFailed, StepTimeout, WorkflowCancelled
 from ..message import Message
-from ..payloads import resolve_hints, to_json
+from ..payloads import remembered, resolve_hints, to_json
 from ..stores import workflows as ops
 from ..stores.messaging import Emitter
 from ..stores.records import JournalEntry, Outgoing, RunRow, SpanRecord
@@ -479,19 +478,8 @@ def _with_payload(msg: Message, data: Any) -> Message:
     return msg
 
 
+@remembered(4096)
 def _wants_transaction(fn: Callable[..., Any]) -> bool:
-    try:
-        return _cached_wants_transaction(fn)
-    except TypeError:  # unhashable
-        return _first_is_transaction(fn)
-
-
-@lru_cache(maxsize=4096)
-def _cached_wants_transaction(fn: Callable[..., Any]) -> bool:
-    return _first_is_transaction(fn)
-
-
-def _first_is_transaction(fn: Callable[..., Any]) -> bool:
     try:
         params = list(inspect.signature(fn).parameters.values())
     except (TypeError, ValueError):
