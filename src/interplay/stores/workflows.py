@@ -23,6 +23,7 @@ __all__ = [
     "TERMINAL",
     "claim_runs",
     "create_run",
+    "ended_runs",
     "finish_run",
     "get_run",
     "heartbeat",
@@ -364,13 +365,30 @@ def load_journal(tx: Tx, run_id: str) -> list[JournalEntry]:
 def load_journals(tx: Tx, run_ids: Sequence[str]) -> dict[str, list[JournalEntry]]:
     """The journals of several runs (each in step order; an empty one for a run without entries)."""
     journals: dict[str, list[JournalEntry]] = {run_id: [] for run_id in run_ids}
-    for i in range(0, len(run_ids), 500):
-        chunk = run_ids[i:i + 500]
-        marks = ", ".join("?" * len(chunk))
-        for r in tx.all(f"SELECT {_JOURNAL_COLUMNS} FROM ip_journal WHERE run_id IN ({marks}) ORDER BY run_id, seq",
-                        chunk):
-            journals[r[0]].append(_entry(r))
+    # A run's entries all come in one chunk, so step order holds across chunks.
+    for r in _select_in(tx, f"SELECT {_JOURNAL_COLUMNS} FROM ip_journal WHERE run_id IN ({{marks}}) "
+                            "ORDER BY run_id, seq", run_ids):
+        journals[r[0]].append(_entry(r))
     return journals
+
+
+def ended_runs(tx: Tx, run_ids: Sequence[str]) -> set[str]:
+    """Which of these runs have ended (or were parked)."""
+    return {r[0] for r in _select_in(tx, "SELECT run_id FROM ip_runs WHERE run_id IN ({marks}) "
+                                         f"AND status NOT IN {ACTIVE!r}", run_ids)}
+
+
+_IN_LIST = 500
+"""Ids per ``IN (...)`` list, under SQLite's limit on parameters (999 before 3.32)."""
+
+
+def _select_in(tx: Tx, sql: str, ids: Sequence[str]) -> list[Any]:
+    """The rows of ``sql``, whose ``{marks}`` is an IN list, for all ``ids`` (in chunks)."""
+    rows: list[Any] = []
+    for i in range(0, len(ids), _IN_LIST):
+        chunk = ids[i:i + _IN_LIST]
+        rows += tx.all(sql.format(marks=", ".join("?" * len(chunk))), chunk)
+    return rows
 
 
 def list_runs(tx: Tx, status: str | None, workflow: str | None, limit: int) -> list[RunRow]:

@@ -76,10 +76,6 @@ class RunState:
         return f"workflow:{self.run.workflow}"
 
 
-def _all(sql: str, params: list[str], tx: Tx) -> list[Any]:
-    return tx.all(sql, params)
-
-
 def root_message_id(run_id: str) -> str:
     """The trace record of a run's start."""
     return f"run:{run_id}"
@@ -431,13 +427,7 @@ class Engine(Steps):
             ids = list(self._watched)
             ended: set[str] = set()
             try:
-                for i in range(0, len(ids), 500):
-                    chunk = ids[i:i + 500]
-                    marks = ", ".join("?" * len(chunk))
-                    query = (f"SELECT run_id FROM ip_runs WHERE run_id IN ({marks}) "
-                             "AND status NOT IN ('pending', 'running')")
-                    rows = await self.rt.store.read(partial(_all, query, chunk))
-                    ended.update(r[0] for r in rows)
+                ended = await self.rt.store.read(partial(ops.ended_runs, run_ids=ids))
             except StoreError as exc:
                 log.warning("watching runs failed: %s", exc)
             for run_id in ended | {r for r in ids if r in self.active}:
