@@ -386,13 +386,12 @@ class Store(StoreOperations):
                 if attempt == 0:
                     return self._apply(ops, 1, batching)
                 return [_Failed(self._translate(exc))] * len(ops), set()
-            if len(ops) == 1:
-                if send is not None and isinstance(exc, BatchConflict):
-                    return self._apply(ops, attempt, batching=False)
+            if len(ops) == 1 and not isinstance(exc, BatchConflict):
                 if attempt < 2 and self._transient(exc):  # ops are safe to run twice
                     return self._apply(ops, attempt + 1, batching)
                 return [_Failed(self._translate(exc))], set()
-            # Run the culprits alone: those a fence named, else every op (one failed).
+            # Run the culprits alone: those a fence named (without deferring, to see the
+            # real answer), else every op (one failed).
             alone = exc.ops if isinstance(exc, BatchConflict) else set(range(len(ops)))
             out: list[Any] = [None] * len(ops)
             routes: set[str] = set()
