@@ -30,6 +30,7 @@ from interplay import (
     WorkflowContext,
     WorkflowFailed,
 )
+from interplay.message import Message
 from interplay.testing import wait_until
 
 from ..buses import Bus
@@ -164,6 +165,30 @@ async def test_a_command_or_event_too_large_for_the_bus_fails_where_the_workflow
         assert await (await rt.workflow("up")).result(timeout=30) == 23
         outbox = await rt.store.read(lambda tx: tx.one("SELECT COUNT(*) FROM ip_outbox")[0])
     assert handled == [23]
+    assert int(outbox) == 0
+
+
+@pytest.mark.buses("nats")
+async def test_an_event_just_under_the_limit_wakes_a_workflow_in_another_process(bus: Bus) -> None:
+    # The event fits the bus; a wake wrapping it would not (and would wait in the outbox
+    # for ever): to another process a wake names the event, which is read from the store.
+    app = App("near-limit")
+
+    @app.workflow("await_blob")
+    async def await_blob(ctx: WorkflowContext, _: None) -> int:
+        blob: dict[str, str] = await ctx.wait_for("blob.ready", timeout=30)
+        return len(blob["blob"])
+
+    async with bus.run(app) as orchestrator, bus.run(app, services=[], orchestrator=False) as publisher:
+        run = await orchestrator.start("await_blob", None)
+        await wait_until(lambda: _has_wait(orchestrator, run.id), message="the run waits")
+        limit = publisher.transport.body_limit()
+        assert limit is not None
+        bare = Message(type="blob.ready", payload={"blob": ""}, kind="event", flow_id=run.flow_id, source="client")
+        size = limit - 60 - len(bare.encode())  # the event's body ends up 60 bytes under the limit
+        await publisher.publish("blob.ready", {"blob": "x" * size}, flow_id=run.flow_id)
+        assert await run.result(timeout=30) == size
+        outbox = await publisher.store.read(lambda tx: tx.one("SELECT COUNT(*) FROM ip_outbox")[0])
     assert int(outbox) == 0
 
 

@@ -173,10 +173,13 @@ class Emitter:
         for run_id, seq, owner in rows:
             if not owner:  # nobody runs it now; whoever claims it rescans on replay
                 continue
-            body = {"run_id": run_id, "seq": int(seq), "type": wait_type, "payload": payload}
+            body: dict[str, Any] = {"run_id": run_id, "seq": int(seq), "type": wait_type}
             if cause is not None:
-                body["payload"] = cause.payload
                 body["message_id"] = cause.id
+            if reply_route(owner) in self.tx.local_routes:  # handed over in memory: any size will do
+                body["payload"] = cause.payload if cause is not None else payload
+            # Else the owner reads the event (or the child's end) from the store: a wake
+            # carrying it could be larger than the bus takes, and be refused for good.
             wake = Message(
                 type=WAKE, kind="reply", payload=body, flow_id=flow_id,
                 causation_id=cause.id if cause is not None else None, source="interplay",

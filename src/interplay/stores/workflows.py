@@ -35,6 +35,7 @@ __all__ = [
     "release",
     "request_cancel",
     "resume_run",
+    "woken_by",
     "write_step",
 ]
 
@@ -260,11 +261,8 @@ def register_wait(
     )
     tx.waits = True
     if wait_type.startswith("@run:"):
-        child = get_run(tx, wait_type[5:])
-        if child is None or child.status not in TERMINAL:
-            return []
-        return [("", {"status": child.status, "result": child.result, "error_type": child.error_type,
-                      "error": child.error})]
+        ended = _child_end(tx, wait_type)
+        return [] if ended is None else [("", ended)]
     seen = set(consumed)
     return [
         (r[0], _unjson(r[1]))
@@ -275,6 +273,23 @@ def register_wait(
         )
         if r[0] not in seen
     ]
+
+
+def woken_by(tx: Tx, wait_type: str, message_id: str) -> tuple[bool, Any]:
+    """What a wake from another process names: (found, the event's payload, or the
+    child run's end for a ``@run:`` wait)."""
+    if wait_type.startswith("@run:"):
+        ended = _child_end(tx, wait_type)
+        return ended is not None, ended
+    row = tx.one("SELECT payload FROM ip_messages WHERE id = ?", (message_id,))
+    return row is not None, None if row is None else _unjson(row[0])
+
+
+def _child_end(tx: Tx, wait_type: str) -> dict[str, Any] | None:
+    child = get_run(tx, wait_type[5:])
+    if child is None or child.status not in TERMINAL:
+        return None
+    return {"status": child.status, "result": child.result, "error_type": child.error_type, "error": child.error}
 
 
 def finish_run(

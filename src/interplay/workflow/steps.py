@@ -13,6 +13,7 @@ import inspect
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 from typing import TYPE_CHECKING, Any, NoReturn
 
 from ..commands import reply_error, reply_result
@@ -370,11 +371,25 @@ class Steps:
         return False
 
     async def on_wake(self, msg: Message) -> None:
-        """An awaited event (or child run) happened: offer it to the waiter."""
+        """An awaited event (or child run) happened: offer it to the waiter.
+
+        A wake from another process names the event or the child run without carrying
+        it (it might exceed what the bus takes): it is read from the store here.
+        """
         body = msg.payload if isinstance(msg.payload, dict) else {}
         waiter = self.waiters.get((str(body.get("run_id")), int(body.get("seq", -1))))
-        if waiter is not None:
-            await self.offer(waiter, str(body.get("message_id") or ""), body.get("payload"))
+        if waiter is None:
+            return
+        msg_id = str(body.get("message_id") or "")
+        if "payload" in body:
+            payload = body["payload"]
+        else:
+            found, payload = await self.rt.store.read(partial(ops.woken_by, wait_type=str(body.get("type")),
+                                                              message_id=msg_id))
+            if not found:
+                log.warning("run %s: woken by %s, which the store does not have", body.get("run_id"), msg_id)
+                return
+        await self.offer(waiter, msg_id, payload)
 
     async def sleep(self, state: RunState, key: int, seconds: float) -> None:
         """A durable timer."""
