@@ -605,10 +605,16 @@ class StoreContract:
         (row,) = await store.claim(replies, 10, T0 + 1, 5)
         wake = Message.decode(row.body)
         assert wake.type == messaging.WAKE
-        # To another process a wake names the event; the payload is read from the store
-        # there (carried along, it could exceed what the bus takes).
-        assert wake.payload == {"run_id": run.run_id, "seq": 0, "type": "delivery.confirmed", "message_id": later.id}
-        assert await store.read(lambda tx: workflows.woken_by(tx, "delivery.confirmed", later.id)) == (True, {"n": 1})
+        assert wake.payload == {"run_id": run.run_id, "seq": 0, "type": "delivery.confirmed",
+                                "payload": {"n": 1}, "message_id": later.id}
+        # A large event is left out of the wake (it could exceed what the bus takes) and
+        # read from the store by the run's owner.
+        large = event("delivery.confirmed", flow_id=run.flow_id, payload={"blob": "x" * messaging.WAKE_CARRIES})
+        await store.publish([out(large)], T0 + 2, "queue")
+        (row,) = await store.claim(replies, 10, T0 + 2, 5)
+        assert "payload" not in Message.decode(row.body).payload
+        assert await store.read(lambda tx: workflows.woken_by(tx, "delivery.confirmed", large.id)) == (
+            True, large.payload)
         assert await store.read(lambda tx: workflows.woken_by(tx, "delivery.confirmed", "gone")) == (False, None)
 
     async def test_finishing_a_run_ends_its_flow_and_wakes_its_parent(self, store: Store) -> None:
@@ -626,9 +632,9 @@ class StoreContract:
             em, child, (owner, 0), "completed", {"r": 2}, None, None, done), T0 + 1)
         (row,) = await store.claim(replies, 10, T0 + 1, 5)
         wake = Message.decode(row.body).payload
-        assert "payload" not in wake
-        assert await store.read(lambda tx: workflows.woken_by(tx, wake["type"], "")) == (True, {
-            "status": "completed", "result": {"r": 2}, "error_type": None, "error": None})
+        ended = {"status": "completed", "result": {"r": 2}, "error_type": None, "error": None}
+        assert wake["payload"] == ended
+        assert await store.read(lambda tx: workflows.woken_by(tx, wake["type"], "")) == (True, ended)
         assert await self.emitting(store, lambda em: workflows.finish_run(
             em, parent, (owner, 0), "completed", "ok", None, None, done), T0 + 2)
         ended = await store.get_run(parent.run_id)

@@ -176,10 +176,12 @@ class Emitter:
             body: dict[str, Any] = {"run_id": run_id, "seq": int(seq), "type": wait_type}
             if cause is not None:
                 body["message_id"] = cause.id
-            if reply_route(owner) in self.tx.local_routes:  # handed over in memory: any size will do
-                body["payload"] = cause.payload if cause is not None else payload
-            # Else the owner reads the event (or the child's end) from the store: a wake
-            # carrying it could be larger than the bus takes, and be refused for good.
+            carried = cause.payload if cause is not None else payload
+            # In memory any size will do; through the bus a large one is left out and the
+            # owner reads the event (or the child's end) from the store: a wake carrying it
+            # could be larger than the bus takes, and be refused for good.
+            if reply_route(owner) in self.tx.local_routes or len(orjson.dumps(carried)) <= WAKE_CARRIES:
+                body["payload"] = carried
             wake = Message(
                 type=WAKE, kind="reply", payload=body, flow_id=flow_id,
                 causation_id=cause.id if cause is not None else None, source="interplay",
@@ -187,6 +189,9 @@ class Emitter:
             )
             self.route(Outgoing(wake, route=reply_route(owner), body=wake.encode(), fanout=1))
 
+
+WAKE_CARRIES = 32 * 1024
+"""Payload bytes a wake to another process carries at most (JSON); see ``wake_waiters``."""
 
 WAKE = "interplay.wake"
 """The type of the reply that tells an orchestrator a waited-for event arrived."""
