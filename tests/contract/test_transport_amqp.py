@@ -25,11 +25,11 @@ from interplay.transports.amqp import AmqpOptions, AmqpTransport, delay_level, r
 from interplay.transports.amqp_dlq import PARKED_HEADER, RESCUES_HEADER
 from interplay.transports.base import Transport
 
+from ..amqp_broker import BROKER, dead_letter, take_all
 from ..servers import SERVERS, require
 from .transport_contract import LEASE, Connect, TransportContract, drain, numbers, outgoing
 
 HOST, PORT = SERVERS["amqp"]
-BROKER = f"amqp://guest:guest@{HOST}:{PORT}/"
 
 
 def amqp_url(exchange: str, *, port: int = PORT, **options: object) -> str:
@@ -58,30 +58,6 @@ async def delete_declared(transports: Iterable[AmqpTransport]) -> None:
             await channel.queue_delete(name)
         for name in sorted(exchanges):
             await channel.exchange_delete(name)
-    finally:
-        await connection.close()
-
-
-async def take_all(queue_name: str) -> list[AbstractIncomingMessage]:
-    """Take every message waiting in a queue (``:dlq``, ``:parked``)."""
-    connection = await aio_pika.connect(BROKER)
-    try:
-        queue = await (await connection.channel()).get_queue(queue_name, ensure=False)
-        messages = []
-        while (message := await queue.get(no_ack=True, fail=False)) is not None:
-            messages.append(message)
-        return messages
-    finally:
-        await connection.close()
-
-
-async def dead_letter(exchange: str, body: bytes, headers: dict[str, Any]) -> None:
-    """Publish to ``<exchange>:dlx`` as RabbitMQ dead-letters (``x-death`` written by the test)."""
-    connection = await aio_pika.connect(BROKER)
-    try:
-        channel = await connection.channel(publisher_confirms=True)
-        dlx = await channel.get_exchange(f"{exchange}:dlx", ensure=False)
-        await dlx.publish(aio_pika.Message(body, headers=headers, delivery_mode=aio_pika.DeliveryMode.PERSISTENT), "")
     finally:
         await connection.close()
 

@@ -15,8 +15,12 @@ from urllib.parse import urlencode, urlsplit, urlunsplit
 
 import pytest
 
+from interplay.message import Message
 from interplay.testing import wait_until
+from interplay.transports.amqp import AmqpTransport
+from interplay.transports.amqp_dlq import PARKED_HEADER
 
+from ..amqp_broker import dead_letter, park, take_all
 from ..buses import Bus
 from ..servers import SERVERS
 from .apps import Order, dead_letters, die_holding_poison, order_app, poison_app
@@ -177,3 +181,41 @@ async def test_a_message_rabbitmq_dead_lettered_is_dead_lettered_into_the_store(
     assert calls == [1, 2]
     assert [(d.reason, d.attempts) for d in dead] == [("too_many_deliveries", 3)]
     assert flow.status == "failed"
+
+
+async def test_a_dead_letter_that_cannot_go_back_is_dead_lettered_into_the_store_not_parked(bus: Bus) -> None:
+    # What RabbitMQ dead-lettered and no service can take back (it died in no service
+    # queue, or its service's queue is gone) was parked in <exchange>:parked, which no
+    # `interplay dlq` shows. A runtime records it in the store's DLQ instead, and drains
+    # into it what was parked before (by an older interplay, or a transport on its own).
+    calls: Counter[str] = Counter()
+
+    def envelope(n: int) -> bytes:
+        return Message(type="order.created", payload={"id": n, "amount": 1.0}, kind="event", source="test").encode()
+
+    async with bus.run(order_app(calls)) as rt:
+        transport = rt.transport
+        assert isinstance(transport, AmqpTransport)
+        exchange = transport.options.exchange
+        gone = {"x-death": [{"count": 1, "reason": "delivery_limit", "queue": f"{exchange}.gone",
+                             "exchange": exchange, "routing-keys": ["event.order.created"]}]}
+        await park(transport.parked_name, envelope(1), {**gone, PARKED_HEADER: "parked before"})
+        await dead_letter(exchange, envelope(2), {})  # died in no queue of ours
+        await dead_letter(exchange, b"not an envelope", gone)  # its service's queue is gone
+        await wait_until(lambda: dead_letters(rt, 3), timeout=20, message="three dead letters in the store")
+        dead = await rt.dlq()
+        parked, dlq = await take_all(transport.parked_name), await take_all(transport.dlq_name)
+    assert parked == []
+    assert dlq == []
+    got = {d.body: d for d in dead}
+    assert {d.reason for d in dead} == {"abandoned"}
+    assert (got[envelope_body(got, 1)].group, got[envelope_body(got, 1)].error) == ("gone", "Abandoned: parked before")
+    assert "not a service queue" in (got[envelope_body(got, 2)].error or "")
+    assert (got[b"not an envelope"].type, got[b"not an envelope"].group) == ("(invalid)", "gone")
+    assert "'gone' has no queue" in (got[b"not an envelope"].error or "")
+    assert calls == Counter()  # recorded, never handled
+
+
+def envelope_body(dead: dict[bytes, Any], n: int) -> bytes:
+    """The body of the dead letter whose envelope carries order ``n``."""
+    return next(body for body in dead if body.startswith(b"{") and Message.decode(body).payload["id"] == n)

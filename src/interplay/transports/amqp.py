@@ -72,7 +72,7 @@ from aiormq.abc import DeliveredMessage
 from ..clock import Clock, SystemClock
 from ..errors import ConfigurationError, TransportError
 from .amqp_dlq import DELIVERIES_HEADER, ROUTE_HEADER, DeadLetterRescue, count, text
-from .base import Delivery, Subscription, Transport
+from .base import AbandonedSink, Delivery, Subscription, Transport
 
 if TYPE_CHECKING:
     from ..stores.records import Outgoing
@@ -345,6 +345,11 @@ class AmqpTransport(Transport):
             await self._admin.queue_delete(name)
         self._ephemeral.discard(group)
         self.declared_queues.discard(name)
+
+    def on_abandoned(self, sink: AbandonedSink) -> None:
+        """Dead letters that cannot go back to their group go to ``sink``, not ``:parked``
+        (see :mod:`~interplay.transports.amqp_dlq`); call before the first subscribe."""
+        self._rescue.sink = sink
 
     async def subscribe(self, group: str, routes: Sequence[str], *, lease: float) -> Subscription:
         """Consume ``group`` on a channel of its own (declaring it for ``routes``).

@@ -10,10 +10,13 @@ an error reply to a waiting workflow, the flow marked failed.
 It is handed back at most :data:`MAX_RESCUES` times (a runtime with ``max_deliveries=0``,
 or one a message kills before counting, would otherwise cycle it for ever); after that,
 and when it died in no service queue of this exchange or its service's queue is gone,
-it is *parked* in ``<exchange>:parked``, a queue nobody consumes, with the reason in its
-``interplay-parked`` header (and a warning logged). Not by routing a group's dead
-letters straight back to its queue: RabbitMQ drops a message that dead-letters into the
-queue it died in as a cycle (seen on 3.10).
+it is *abandoned*: handed to the sink the runtime set (``Transport.on_abandoned``), which
+dead-letters it into the store (``interplay dlq``, reason ``abandoned``), retried until
+it takes it. Without a sink (the transport on its own) it is *parked* in
+``<exchange>:parked`` with the reason in its ``interplay-parked`` header; a process with
+a sink also drains that queue into it (what was parked before). Not by routing a group's
+dead letters straight back to its queue: RabbitMQ drops a message that dead-letters into
+the queue it died in as a cycle (seen on 3.10).
 
 A hand-back that RabbitMQ does not confirm is retried in place, the message unacked,
 rather than rejected back to ``:dlq``: on RabbitMQ 4 ``:dlq`` itself has a delivery
@@ -30,6 +33,7 @@ from typing import TYPE_CHECKING, Any
 from aio_pika.abc import AbstractIncomingMessage, AbstractRobustChannel, AbstractRobustConnection
 
 from ..errors import TransportError
+from .base import Abandoned, AbandonedSink
 
 if TYPE_CHECKING:
     from .amqp import AmqpTransport
@@ -60,6 +64,7 @@ class DeadLetterRescue:
 
     def __init__(self, transport: AmqpTransport) -> None:
         self.transport = transport
+        self.sink: AbandonedSink | None = None
         self._channel: AbstractRobustChannel | None = None
 
     async def start(self, connection: AbstractRobustConnection) -> None:
@@ -76,6 +81,11 @@ class DeadLetterRescue:
                     t.dlq_name, durable=True, arguments={"x-queue-type": "quorum"}, robust=True
                 )
                 await queue.consume(self._rescue, no_ack=False)
+                if self.sink is not None:
+                    parked = await channel.declare_queue(
+                        t.parked_name, durable=True, arguments={"x-queue-type": "quorum"}, robust=True
+                    )
+                    await parked.consume(self._unpark, no_ack=False)
         except TransportError as exc:
             log.warning("not consuming %r (dead letters wait there until a later subscribe): %s", t.dlq_name, exc)
             if channel is not None:
@@ -97,38 +107,72 @@ class DeadLetterRescue:
         """
         t = self.transport
         headers = dict(message.headers or {})
-        deaths = headers.get("x-death")
-        death = deaths[0] if isinstance(deaths, list) and deaths and isinstance(deaths[0], dict) else {}
-        queue, reason = text(death.get("queue")), text(death.get("reason"))
+        group, route, deliveries = self._death(message, headers)
         rescues = count(headers.get(RESCUES_HEADER))
-        prefix = t.options.exchange + "."
-        if queue is None or not queue.startswith(prefix):
-            await self._park(message, headers, f"it died in {queue or 'no queue'!r}, not a service queue of this bus")
+        if not group:
+            queue = _death(headers).get("queue")
+            await self._park(message, headers, f"it died in {text(queue) or 'no queue'!r}, not a service queue of "
+                                               "this bus", group, route, deliveries)
             return
-        group = queue.removeprefix(prefix)
         if rescues >= MAX_RESCUES:
-            await self._park(message, headers, f"it died in {group!r} again after {rescues} hand-backs")
+            await self._park(message, headers, f"it died in {group!r} again after {rescues} hand-backs",
+                             group, route, deliveries)
             return
+        copy = {DELIVERIES_HEADER: deliveries, ROUTE_HEADER: route, RESCUES_HEADER: rescues + 1}
+        if await self._until_published(t.options.exchange, "@" + group, message.body, copy, f"back to {group!r}"):
+            await self._park(message, headers, f"service {group!r} has no queue", group, route, deliveries)
+            return
+        await self._quietly(message.ack, "acking a dead letter handed back")  # if not: handed back twice
+
+    def _death(self, message: AbstractIncomingMessage, headers: dict[str, Any]) -> tuple[str, str, int]:
+        """(the service group it died in or "", its route, how many deliveries it had)."""
+        t = self.transport
+        death = _death(headers)
+        queue = text(death.get("queue"))
+        prefix = t.options.exchange + "."
+        group = queue.removeprefix(prefix) if queue is not None and queue.startswith(prefix) else ""
         keys = death.get("routing-keys")
         route = text(headers.get(ROUTE_HEADER)) or (text(keys[0]) if isinstance(keys, list) and keys else None)
         # a delivery_limit death is delivery_limit + 1 deliveries (RabbitMQ 4 defaults to 20);
         # a broker that carries the count over says so in x-delivery-count
-        died_after = (t.options.delivery_limit or 20) + 1 if reason == "delivery_limit" else 1
+        died_after = (t.options.delivery_limit or 20) + 1 if text(death.get("reason")) == "delivery_limit" else 1
         deliveries = count(headers.get(DELIVERIES_HEADER)) + max(died_after, count(headers.get("x-delivery-count")))
-        copy = {DELIVERIES_HEADER: deliveries, ROUTE_HEADER: route or message.routing_key or "",
-                RESCUES_HEADER: rescues + 1}
-        if await self._until_published(t.options.exchange, "@" + group, message.body, copy, f"back to {group!r}"):
-            await self._park(message, headers, f"service {group!r} has no queue")
-            return
-        await self._quietly(message.ack, "acking a dead letter handed back")  # if not: handed back twice
+        return group, route or message.routing_key or "", deliveries
 
-    async def _park(self, message: AbstractIncomingMessage, headers: dict[str, Any], why: str) -> None:
+    async def _park(self, message: AbstractIncomingMessage, headers: dict[str, Any], why: str,
+                    group: str, route: str, deliveries: int) -> None:
         t = self.transport
+        if self.sink is not None:
+            log.warning("a message in %r is dead-lettered into the store: %s", t.dlq_name, why)
+            await self._until_taken(Abandoned(message.body, route, group, why, deliveries))
+            await self._quietly(message.ack, "acking an abandoned dead letter")
+            return
         log.warning("a message in %r is parked in %r: %s", t.dlq_name, t.parked_name, why)
         if await self._until_published("", t.parked_name, message.body, {**headers, PARKED_HEADER: why}, "parking"):
             log.error("%r is missing: the message stays in %r", t.parked_name, t.dlq_name)
             return  # unacked: back in :dlq when this channel closes
         await self._quietly(message.ack, "acking a parked dead letter")
+
+    async def _unpark(self, message: AbstractIncomingMessage) -> None:
+        """A message parked before (by a process without a sink): into the sink, then ack."""
+        headers = dict(message.headers or {})
+        group, route, deliveries = self._death(message, headers)
+        why = text(headers.get(PARKED_HEADER)) or "parked"
+        await self._until_taken(Abandoned(message.body, route, group, why, deliveries))
+        await self._quietly(message.ack, "acking a parked message recorded")
+
+    async def _until_taken(self, abandoned: Abandoned) -> None:
+        """Hand to the sink until it takes it (backing off): the store may be down a while."""
+        assert self.sink is not None
+        delay = self.transport.options.reconnect_interval
+        while True:
+            try:
+                await self.sink(abandoned)
+                return
+            except Exception as exc:  # any failure: the message waits, unacked, and we try again
+                log.warning("recording an abandoned dead letter failed (retrying in %.1fs): %s", delay, exc)
+                await asyncio.sleep(delay)
+                delay = min(_MAX_BACKOFF, delay * 2)
 
     async def _until_published(self, exchange: str, key: str, body: bytes, headers: dict[str, Any], what: str) -> bool:
         """Publish until RabbitMQ confirms (backing off); True if it returned it unroutable."""
@@ -149,6 +193,12 @@ class DeadLetterRescue:
                 await action()
         except TransportError as exc:
             log.debug("%s failed: %s", what, exc)
+
+
+def _death(headers: dict[str, Any]) -> dict[str, Any]:
+    """The latest ``x-death`` entry (RabbitMQ's record of where and why it died), or {}."""
+    deaths = headers.get("x-death")
+    return deaths[0] if isinstance(deaths, list) and deaths and isinstance(deaths[0], dict) else {}
 
 
 def text(value: Any) -> str | None:

@@ -19,6 +19,8 @@ Semantics every transport provides (and the conformance suite checks):
   is durable; anything may arrive twice. De-duplication is the inbox's job.
 * **No ordering promise** beyond what each transport documents; redelivery reorders.
 * **Dead letters** are decided by the runtime (retry policy) and kept in the store.
+  A broker that gives up on a message by itself (RabbitMQ's dead letters that cannot
+  go back to their group) hands it to :meth:`Transport.on_abandoned`'s sink.
 
 A transport whose ``store_bound`` is true is the store's own queue: the runtime then
 acks, publishes and records in one store transaction instead of calling ack/publish.
@@ -27,7 +29,7 @@ acks, publishes and records in one store transaction instead of calling ack/publ
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -37,7 +39,7 @@ if TYPE_CHECKING:
     from ..clock import Clock
     from ..stores.records import Outgoing
 
-__all__ = ["Delivery", "Subscription", "Transport", "reply_route", "route_of"]
+__all__ = ["Abandoned", "AbandonedSink", "Delivery", "Subscription", "Transport", "reply_route", "route_of"]
 
 
 def route_of(message: Message) -> str:
@@ -104,6 +106,22 @@ class Delivery:
             return cls(body, Message.decode(body), None, deliveries, **extra)
         except MessageDecodeError as exc:
             return cls(body, None, str(exc), deliveries, **extra)
+
+
+@dataclass(slots=True, frozen=True)
+class Abandoned:
+    """A message the broker can deliver to no group any more (see :meth:`Transport.on_abandoned`)."""
+
+    body: bytes
+    route: str
+    group: str
+    """The group it died in; empty when it died in no group's queue."""
+    reason: str
+    deliveries: int
+
+
+AbandonedSink = Callable[[Abandoned], Awaitable[None]]
+"""Records an abandoned message for good (the runtime: in the store's DLQ); raises if it could not."""
 
 
 class Subscription(ABC):
@@ -181,6 +199,14 @@ class Transport(ABC):
         refuse past (NATS's ``max_payload``); None where none is known. The runtime
         refuses larger messages before committing them, instead of leaving them in the
         outbox for a relay that can never publish them."""
+        return None
+
+    def on_abandoned(self, sink: AbandonedSink) -> None:
+        """Hand messages the broker gives up on to ``sink`` instead of keeping them aside.
+
+        The runtime records them in the store's DLQ (``interplay dlq``). Only a broker
+        that gives up on messages by itself calls it (RabbitMQ); the others ignore it.
+        """
         return None
 
     async def publish_to_group(self, group: str, route: str, body: bytes) -> None:
