@@ -144,19 +144,19 @@ class Consumer:
     async def _handle_safely(self, d: Delivery) -> None:
         msg_id = d.message.id if d.message is not None else None
         mine = False
-        if msg_id is not None and not d.duplicate:
-            if msg_id in self._running:
-                # The same message is being handled right now (a duplicate delivery):
-                # wait for that handling, then ask the inbox instead of running it twice.
-                running = self._running[msg_id]
-                if running is None:
-                    running = self._running[msg_id] = asyncio.Event()
-                await running.wait()
-                await self._mark_duplicates([d])
-            else:
-                self._running[msg_id] = None
-                mine = True
         try:
+            if msg_id is not None and not d.duplicate:
+                if msg_id in self._running:
+                    # The same message is being handled right now (a duplicate delivery):
+                    # wait for that handling, then ask the inbox instead of running it twice.
+                    running = self._running[msg_id]
+                    if running is None:
+                        running = self._running[msg_id] = asyncio.Event()
+                    await running.wait()
+                    await self._mark_duplicates([d])
+                else:
+                    self._running[msg_id] = None
+                    mine = True
             if d.message is None or not self.rt.instrumentation.observers:
                 await self._handle(d)
             else:

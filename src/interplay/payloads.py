@@ -73,7 +73,11 @@ def remembered(maxsize: int) -> Callable[[Callable[[K], V]], Callable[[K], V]]:
     return decorate
 
 
-_adapter = remembered(512)(pydantic.TypeAdapter)
+@remembered(512)
+def _adapter(annotation: Any) -> pydantic.TypeAdapter[Any]:
+    return pydantic.TypeAdapter(annotation)
+
+
 _complete_hints = remembered(4096)(get_type_hints)
 
 

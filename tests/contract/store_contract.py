@@ -617,6 +617,17 @@ class StoreContract:
             True, large.payload)
         assert await store.read(lambda tx: workflows.woken_by(tx, "delivery.confirmed", "gone")) == (False, None)
 
+    async def test_ended_runs_are_found_among_more_ids_than_one_in_list_takes(self, store: Store) -> None:
+        owner = "orch-" + tag()
+        ended, running = new_run("run-" + tag(), owner=owner), new_run("run-" + tag(), owner=owner)
+        for run in (ended, running):
+            await self.emitting(store, lambda em, run=run: workflows.create_run(em, run, root_of(run)))
+        done = span(Message(type="wf", flow_id=ended.flow_id), "wf")
+        assert await self.emitting(store, lambda em: workflows.finish_run(
+            em, ended, (owner, 0), "completed", None, None, None, done), T0 + 1)
+        ids = [f"absent-{i}" for i in range(1200)] + [running.run_id, ended.run_id]
+        assert await store.read(lambda tx: workflows.ended_runs(tx, ids)) == {ended.run_id}
+
     async def test_finishing_a_run_ends_its_flow_and_wakes_its_parent(self, store: Store) -> None:
         owner, replies = "orch-" + tag(), "replies-" + tag()
         await store.declare_routes(replies, [reply_route(owner)])

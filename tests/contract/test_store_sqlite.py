@@ -144,8 +144,9 @@ async def test_a_batch_that_cannot_begin_fails_together_not_op_by_op(
         return lambda tx: tx.execute("INSERT INTO ip_meta (key, value) VALUES (?, 'v')", (key,))
 
     monkeypatch.setattr(SqliteStore, "_connect", traced)
-    store = SqliteStore(f"sqlite:///{path}?busy_timeout=200")
+    store = SqliteStore(f"sqlite:///{path}?busy_timeout=5000")  # the turn: waited for at most 5 s
     await store.open()
+    await store.write(lambda tx: tx.execute("PRAGMA busy_timeout = 0"))  # SQLite's lock: not at all
     other = sqlite3.connect(path, isolation_level=None)
     turn = os.open(f"{path}-lock", os.O_RDONLY)
     try:

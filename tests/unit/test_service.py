@@ -9,7 +9,7 @@ from pydantic import BaseModel
 from typing_extensions import TypedDict  # pydantic needs this one before Python 3.12
 
 from interplay import App, ConfigurationError, Context, Retry, ValidationFailed
-from interplay.payloads import PayloadType, to_json
+from interplay.payloads import PayloadType, remembered, to_json
 
 
 class Order(BaseModel):
@@ -130,3 +130,17 @@ def test_handlers_defined_inside_functions_resolve_what_they_can() -> None:
     spec = define().workflows["wf"]
     assert spec.ctx_param == "ctx"
     assert spec.payload.validate("5") == 5
+
+
+def test_remembered_computes_an_unhashable_argument_each_time_and_remembers_the_rest() -> None:
+    calls: list[object] = []
+
+    @remembered(8)
+    def length(value: object) -> int:
+        calls.append(value)
+        return len(value)  # type: ignore[arg-type]
+
+    assert [length("ab"), length("ab"), length(["x"]), length(["x"])] == [2, 2, 1, 1]
+    assert calls == ["ab", ["x"], ["x"]]
+    with pytest.raises(TypeError):  # a TypeError of the function itself is not swallowed
+        length(3)

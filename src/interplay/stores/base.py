@@ -370,7 +370,8 @@ class Store(StoreOperations):
                 if outcome is not None:
                     outcome[1]()
             try:
-                cur.execute("ROLLBACK")
+                if began:  # else there is no transaction (SQLite would say so, and we'd reconnect)
+                    cur.execute("ROLLBACK")
             except Exception:  # the connection may be gone; reconnect below
                 self._reconnect_writer()
             if in_doubt:
@@ -380,9 +381,9 @@ class Store(StoreOperations):
                 err.__cause__ = exc
                 return [_Failed(err)] * len(ops), set()
             if not began:
-                # No op ran: no op is to blame (SQLite locked by another program, a dead
-                # connection). Once more together after the reconnect above, then give up:
-                # re-running each op alone would wait out a lock once per op.
+                # No op ran, so no op is to blame (SQLite locked by another program; a
+                # dialect whose BEGIN goes out at once and found the connection dead).
+                # Once more together, then give up: each op alone would wait out a lock again.
                 if attempt == 0:
                     return self._apply(ops, 1, batching)
                 return [_Failed(self._translate(exc))] * len(ops), set()

@@ -170,17 +170,18 @@ class Emitter:
             "WHERE w.flow_id = ? AND w.type = ?",
             (flow_id, wait_type),
         )
+        carried = cause.payload if cause is not None else payload
+        small = len(orjson.dumps(carried)) <= WAKE_CARRIES if rows else True
         for run_id, seq, owner in rows:
             if not owner:  # nobody runs it now; whoever claims it rescans on replay
                 continue
             body: dict[str, Any] = {"run_id": run_id, "seq": int(seq), "type": wait_type}
             if cause is not None:
                 body["message_id"] = cause.id
-            carried = cause.payload if cause is not None else payload
             # In memory any size will do; through the bus a large one is left out and the
             # owner reads the event (or the child's end) from the store: a wake carrying it
             # could be larger than the bus takes, and be refused for good.
-            if reply_route(owner) in self.tx.local_routes or len(orjson.dumps(carried)) <= WAKE_CARRIES:
+            if small or reply_route(owner) in self.tx.local_routes:
                 body["payload"] = carried
             wake = Message(
                 type=WAKE, kind="reply", payload=body, flow_id=flow_id,
@@ -191,7 +192,9 @@ class Emitter:
 
 
 WAKE_CARRIES = 32 * 1024
-"""Payload bytes a wake to another process carries at most (JSON); see ``wake_waiters``."""
+"""Payload bytes a wake to another process carries at most (JSON); see ``wake_waiters``.
+Below what any bus here takes by default (NATS: 1 MiB); a NATS server configured with a
+``max_payload`` under ~33 KiB could still refuse a wake carrying that much."""
 
 WAKE = "interplay.wake"
 """The type of the reply that tells an orchestrator a waited-for event arrived."""

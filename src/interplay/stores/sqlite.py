@@ -200,6 +200,8 @@ class _WriteTurns:
         self._fd: int | None = None
         self._waiter: threading.Thread | None = None
         self._requests: SimpleQueue[_Turn | None] = SimpleQueue()
+        self._unanswered = 0  # turns asked of the waiter and not yet given or let go
+        self._count = threading.Lock()
         try:
             self._fd = os.open(path, os.O_RDONLY | os.O_CREAT, 0o644)  # flock needs no write access
         except OSError as exc:
@@ -216,20 +218,25 @@ class _WriteTurns:
             fcntl.flock(self._fd, fcntl.LOCK_UN)
 
     def _take(self, fd: int) -> None:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            return
-        except BlockingIOError:
-            pass
-        except OSError as exc:  # no flock here (some network file systems)
-            log.warning("store: cannot lock %s (%s); writers wait in SQLite instead", self.path, exc)
-            self.close()
-            return
+        # Not while the waiter still works on a turn given up on: its flock, on this same
+        # descriptor, would succeed the moment ours did, and its unlock release ours.
+        if not self._unanswered:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return
+            except BlockingIOError:
+                pass
+            except OSError as exc:  # no flock here (some network file systems)
+                log.warning("store: cannot lock %s (%s); writers wait in SQLite instead", self.path, exc)
+                self.close()
+                return
         if self._waiter is None:
             self._waiter = threading.Thread(target=self._wait_loop, args=(fd,), name="interplay-sqlite-turns",
                                             daemon=True)
             self._waiter.start()
         turn = _Turn()
+        with self._count:
+            self._unanswered += 1
         self._requests.put(turn)
         if turn.given.wait(self.timeout):
             return
@@ -249,11 +256,15 @@ class _WriteTurns:
                     fcntl.flock(fd, fcntl.LOCK_EX)
                 except OSError as exc:  # unexpected; the writer times out and fails its batch
                     log.warning("store: waiting for the write lock %s failed: %s", self.path, exc)
+                    with self._count:
+                        self._unanswered -= 1
                     continue
                 with turn.lock:
                     if turn.abandoned:
                         fcntl.flock(fd, fcntl.LOCK_UN)
-                    else:
+                    with self._count:
+                        self._unanswered -= 1
+                    if not turn.abandoned:
                         turn.given.set()
         finally:
             os.close(fd)

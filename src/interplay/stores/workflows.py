@@ -381,28 +381,29 @@ def load_journals(tx: Tx, run_ids: Sequence[str]) -> dict[str, list[JournalEntry
     """The journals of several runs (each in step order; an empty one for a run without entries)."""
     journals: dict[str, list[JournalEntry]] = {run_id: [] for run_id in run_ids}
     # A run's entries all come in one chunk, so step order holds across chunks.
-    for r in _select_in(tx, f"SELECT {_JOURNAL_COLUMNS} FROM ip_journal WHERE run_id IN ({{marks}}) "
-                            "ORDER BY run_id, seq", run_ids):
+    for r in _select_in(tx, f"SELECT {_JOURNAL_COLUMNS} FROM ip_journal WHERE run_id IN", run_ids,
+                        "ORDER BY run_id, seq"):
         journals[r[0]].append(_entry(r))
     return journals
 
 
 def ended_runs(tx: Tx, run_ids: Sequence[str]) -> set[str]:
     """Which of these runs have ended (or were parked)."""
-    return {r[0] for r in _select_in(tx, "SELECT run_id FROM ip_runs WHERE run_id IN ({marks}) "
-                                         f"AND status NOT IN {ACTIVE!r}", run_ids)}
+    rows = _select_in(tx, "SELECT run_id FROM ip_runs WHERE run_id IN", run_ids,
+                      "AND status NOT IN ('pending', 'running')")
+    return {r[0] for r in rows}
 
 
 _IN_LIST = 500
 """Ids per ``IN (...)`` list, under SQLite's limit on parameters (999 before 3.32)."""
 
 
-def _select_in(tx: Tx, sql: str, ids: Sequence[str]) -> list[Any]:
-    """The rows of ``sql``, whose ``{marks}`` is an IN list, for all ``ids`` (in chunks)."""
+def _select_in(tx: Tx, head: str, ids: Sequence[str], tail: str = "") -> list[Any]:
+    """The rows of ``head (?, ?, ...) tail`` for all ``ids``, in chunks of :data:`_IN_LIST`."""
     rows: list[Any] = []
     for i in range(0, len(ids), _IN_LIST):
         chunk = ids[i:i + _IN_LIST]
-        rows += tx.all(sql.format(marks=", ".join("?" * len(chunk))), chunk)
+        rows += tx.all(f"{head} ({', '.join('?' * len(chunk))}) {tail}", chunk)
     return rows
 
 

@@ -422,7 +422,8 @@ class Engine(Steps):
         pause = 0.005
         while self._watched:
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._watch_wake.wait(), pause)
+                async with asyncio.timeout(pause):
+                    await self._watch_wake.wait()
             self._watch_wake.clear()
             ids = list(self._watched)
             ended: set[str] = set()

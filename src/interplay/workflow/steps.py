@@ -11,13 +11,13 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
 from typing import TYPE_CHECKING, Any, NoReturn
 
 from ..commands import reply_error, reply_result
-from ..errors import MessageTooLarge, StepFailed, StepTimeout, WorkflowCancelled
+from ..errors import MessageTooLarge, StepFailed, StepTimeout, StoreError, WorkflowCancelled
 from ..message import Message
 from ..payloads import remembered, resolve_hints, to_json
 from ..stores import workflows as ops
@@ -137,23 +137,16 @@ class Steps:
         fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         run = state.run
         headers = {"reply_to": reply_route(self.owner), "x-run": run.run_id, "x-key": str(key)}
+        sending: Awaitable[Any]
         if entry is None:
             msg = Message(type=target, payload=data, kind="command", flow_id=run.flow_id,
                           causation_id=state.root_id, source=state.source, headers=headers)
-            self.replies[msg.id] = fut
             self.rt.instrumentation.published(msg)
             log.debug("run %s: sending %s %s", run.run_id, target, msg.id)
             deadline = None if timeout is None else self._now() + timeout
             entry = self._entry(state, key, "call", target, "scheduled", msg_id=msg.id, data={"args": digest},
                                 deadline=deadline)
-            try:
-                await self.write(state, entry, [self.rt.app.topology.outgoing(msg)])
-            except MessageTooLarge as exc:
-                del self.replies[msg.id]
-                await self._refused(state, key, "call", target, exc)
-            except BaseException:
-                del self.replies[msg.id]  # never sent: no reply will come
-                raise
+            sending = self.write(state, entry, [self.rt.app.topology.outgoing(msg)])
         else:
             # In flight when its previous owner stopped: send it again with the same id;
             # the service's inbox answers from the reply it stored the first time.
@@ -162,8 +155,16 @@ class Steps:
                       entry.msg_id)
             msg = Message(type=target, payload=data, kind="command", id=entry.msg_id, flow_id=run.flow_id,
                           causation_id=state.root_id, source=state.source, headers=headers)
-            self.replies[msg.id] = fut
-            await self.rt.send([self.rt.app.topology.outgoing(msg)])
+            sending = self.rt.send([self.rt.app.topology.outgoing(msg)])
+        self.replies[msg.id] = fut
+        try:
+            await sending
+        except MessageTooLarge as exc:  # (journaled as scheduled by an interplay from before the check)
+            del self.replies[msg.id]
+            await self._refused(state, key, "call", target, exc)
+        except BaseException:
+            del self.replies[msg.id]  # never sent: no reply will come
+            raise
         try:
             body = await self._await(state, fut, entry.deadline, target, timeout)
         except StepTimeout:
@@ -373,8 +374,9 @@ class Steps:
     async def on_wake(self, msg: Message) -> None:
         """An awaited event (or child run) happened: offer it to the waiter.
 
-        A wake from another process names the event or the child run without carrying
-        it (it might exceed what the bus takes): it is read from the store here.
+        A wake from another process leaves out a payload over ``WAKE_CARRIES`` (it might
+        exceed what the bus takes): it is read from the store here, retried while the
+        store is unreachable (the wake itself is settled already).
         """
         body = msg.payload if isinstance(msg.payload, dict) else {}
         waiter = self.waiters.get((str(body.get("run_id")), int(body.get("seq", -1))))
@@ -384,10 +386,22 @@ class Steps:
         if "payload" in body:
             payload = body["payload"]
         else:
-            found, payload = await self.rt.store.read(partial(ops.woken_by, wait_type=str(body.get("type")),
-                                                              message_id=msg_id))
-            if not found:
-                log.warning("run %s: woken by %s, which the store does not have", body.get("run_id"), msg_id)
+            read = partial(ops.woken_by, wait_type=str(body.get("type")), message_id=msg_id)
+            delay = 0.05
+            while True:
+                try:
+                    found, payload = await self.rt.store.read(read)
+                    break
+                except StoreError as exc:
+                    if waiter.future.done():
+                        return
+                    log.warning("run %s: reading what woke it failed (retrying in %.2fs): %s",
+                                body.get("run_id"), delay, exc)
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, 5.0)
+            if not found:  # only a trace_retention shorter than the wait deletes it
+                log.error("run %s: woken by %s, which the store no longer has; it waits on", body.get("run_id"),
+                          msg_id or body.get("type"))
                 return
         await self.offer(waiter, msg_id, payload)
 
