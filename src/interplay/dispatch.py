@@ -26,7 +26,7 @@ from .payloads import to_json
 from .service import Failure, Handler, Service
 from .stores.messaging import Emitter
 from .stores.records import DeadLetter, Settlement, SpanRecord
-from .transports.base import Delivery, Subscription, route_of
+from .transports.base import Abandoned, Delivery, Subscription, route_of
 
 if TYPE_CHECKING:
     from .runtime import Runtime
@@ -357,13 +357,7 @@ class Consumer:
         return answer
 
     def _reply(self, command: Message, body: Any) -> Message | None:
-        reply_to = command.headers.get("reply_to")
-        if not reply_to:
-            return None
-        # x- headers are the caller's correlation (a workflow's run and step): echo them.
-        echoed = {k: v for k, v in command.headers.items() if k.startswith("x-")}
-        return command.caused(command.type, body, kind="reply", source=self.group,
-                              headers={**echoed, "reply_to": reply_to})
+        return reply_to(command, body, self.group)
 
     def _span(
         self, msg: Message, handler: Handler | None, started: float, outcome: str, error: str | None, attempt: int
@@ -415,6 +409,44 @@ class Consumer:
         else:
             await self.sub.ack([d])
         return result
+
+
+def reply_to(command: Message, body: Any, source: str) -> Message | None:
+    """The reply to ``command`` carrying ``body`` (None if its sender wants none)."""
+    route = command.headers.get("reply_to")
+    if not route:
+        return None
+    # x- headers are the caller's correlation (a workflow's run and step): echo them.
+    echoed = {k: v for k, v in command.headers.items() if k.startswith("x-")}
+    return command.caused(command.type, body, kind="reply", source=source, headers={**echoed, "reply_to": route})
+
+
+async def record_abandoned(rt: Runtime, abandoned: Abandoned) -> None:
+    """Dead-letter into the store a message the broker gave up on (reason ``abandoned``),
+    its handler never run: in ``interplay dlq``, its flow failed, a command's caller
+    answered with the error (as :meth:`Consumer._fail` does). Raises if the store fails."""
+    msg = Delivery.from_bytes(abandoned.body, abandoned.deliveries).message
+    dead = DeadLetter(
+        msg_id=msg.id if msg is not None else "invalid-" + new_id(), group=abandoned.group, route=abandoned.route,
+        type=msg.type if msg is not None else "(invalid)", flow_id=msg.flow_id if msg is not None else None,
+        body=abandoned.body, reason="abandoned", error=f"Abandoned: {abandoned.reason}", attempts=abandoned.deliveries,
+    )
+    # The inbox mark makes a second copy of it (a crash before the broker's ack) a no-op.
+    settlement = Settlement(abandoned.group, msg.id if msg is not None else "", dead.flow_id, "dead",
+                            inbox=msg is not None, dead=dead)
+    if msg is not None and msg.kind == "command":
+        failure = Failure(event=msg.type, service=abandoned.group, handler="", error_type="Abandoned",
+                          error=abandoned.reason, attempts=abandoned.deliveries, payload=msg.payload, message_id=msg.id)
+        body = reply_body(False, failure.model_dump(mode="json"))
+        settlement.reply = orjson.dumps(body)
+        reply = reply_to(msg, body, abandoned.group or "interplay")
+        if reply is not None:
+            out = rt.app.topology.outgoing(reply)
+            settlement.emits = [out]
+            if out.route in rt.store.local_routes and is_workflow_reply(reply):
+                settlement.extra = recorder(reply, rt.clock.now())
+    _, relay = await rt.store.settle(settlement, rt.clock.now(), rt.delivery_mode)
+    await rt.relay(relay)
 
 
 def _route(msg: Message) -> str:

@@ -13,12 +13,13 @@ import os
 import socket
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from .clock import Clock, SystemClock
 from .commands import reply_result
-from .dispatch import Consumer
+from .dispatch import Consumer, record_abandoned
 from .errors import ConfigurationError, MessageTooLarge, NotFound, StepTimeout, StoreError, TransportError
 from .message import Message, new_id
 from .outbox import OutboxRelay
@@ -29,13 +30,12 @@ from .stores import open_store
 from .stores.base import Store
 from .stores.messaging import Delivery as DeliveryMode
 from .stores.messaging import Relay
-from .stores.records import DeadLetter, DeadLetterRecord, FlowStart, Outgoing, RunRow, Settlement
+from .stores.records import DeadLetterRecord, FlowStart, Outgoing, RunRow
 from .tracing.flows import Flow, FlowSummary
 from .tracing.hooks import Instrumentation, Observer
 from .tracing.stuck import FlowStuck, announce_stuck
 from .transports import open_transport
-from .transports.base import Abandoned, Transport, reply_route
-from .transports.base import Delivery as TransportDelivery
+from .transports.base import Transport, reply_route
 from .workflow.engine import Engine
 from .workflow.handle import WorkflowHandle
 
@@ -175,7 +175,7 @@ class Runtime:
         await self.store.open()
         try:
             await self.transport.open(self.clock)
-            self.transport.on_abandoned(self._record_abandoned)
+            self.transport.on_abandoned(partial(record_abandoned, self))
             topology = self.app.topology
             for name in self.app.services:
                 await self.transport.declare(name, topology.routes[name])
@@ -307,22 +307,6 @@ class Runtime:
             return
         if outbox_ids:
             self.store.outbox_done(outbox_ids)
-
-    async def _record_abandoned(self, abandoned: Abandoned) -> None:
-        """Dead-letter into the store a message the broker gave up on (reason ``abandoned``):
-        in ``interplay dlq`` to replay or drop, its flow failed. Raises if the store fails."""
-        d = TransportDelivery.from_bytes(abandoned.body, abandoned.deliveries, route=abandoned.route)
-        msg = d.message
-        dead = DeadLetter(
-            msg_id=msg.id if msg is not None else "invalid-" + new_id(), group=abandoned.group, route=abandoned.route,
-            type=msg.type if msg is not None else "(invalid)", flow_id=msg.flow_id if msg is not None else None,
-            body=abandoned.body, reason="abandoned", error=f"Abandoned: {abandoned.reason}",
-            attempts=abandoned.deliveries,
-        )
-        # The inbox mark makes a second copy of it (a crash before the broker's ack) a no-op.
-        settlement = Settlement(abandoned.group, msg.id if msg is not None else "", dead.flow_id, "dead",
-                                inbox=msg is not None, dead=dead)
-        await self.store.settle(settlement, self.clock.now(), self.delivery_mode)
 
     async def _relay_loop(self) -> None:
         # Every process sweeps; a sweep claims the rows it relays (see interplay.outbox).

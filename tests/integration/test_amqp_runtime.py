@@ -15,10 +15,11 @@ from urllib.parse import urlencode, urlsplit, urlunsplit
 
 import pytest
 
+from interplay import App, WorkflowContext, WorkflowFailed
 from interplay.message import Message
 from interplay.testing import wait_until
 from interplay.transports.amqp import AmqpTransport
-from interplay.transports.amqp_dlq import PARKED_HEADER
+from interplay.transports.amqp_dlq import PARKED_HEADER, RESCUES_HEADER
 
 from ..amqp_broker import dead_letter, park, take_all
 from ..buses import Bus
@@ -219,3 +220,45 @@ async def test_a_dead_letter_that_cannot_go_back_is_dead_lettered_into_the_store
 def envelope_body(dead: dict[bytes, Any], n: int) -> bytes:
     """The body of the dead letter whose envelope carries order ``n``."""
     return next(body for body in dead if body.startswith(b"{") and Message.decode(body).payload["id"] == n)
+
+
+async def test_an_abandoned_command_answers_the_workflow_waiting_for_it(bus: Bus) -> None:
+    # A command that died in its service three times over is given up on: its caller
+    # gets the error as a reply, as for any dead letter, instead of waiting for ever.
+    app = App("ghostly")
+    handled: list[int] = []
+
+    @app.service("ghost").command("haunt")
+    async def haunt(n: int) -> int:
+        handled.append(n)
+        return n
+
+    @app.workflow("seance")
+    async def seance(ctx: WorkflowContext, n: int) -> int:
+        return int(await ctx.call("ghost.haunt", n))
+
+    async with bus.run(app, services=["ghost"]) as host, bus.run(app, services=[]) as rt:
+        transport = rt.transport
+        assert isinstance(transport, AmqpTransport)
+        exchange = transport.options.exchange
+        await host.close()  # the ghost's queue stays; nobody consumes it now
+        run = await rt.start("seance", 7)
+        queue = transport.queue_name("ghost")
+        taken: list[Any] = []
+
+        async def command_queued() -> bool:
+            taken.extend(await take_all(queue))
+            return bool(taken)
+
+        await wait_until(command_queued, message="the command in the ghost's queue")
+        (command,) = taken
+        died = {"x-death": [{"count": 1, "reason": "delivery_limit", "queue": queue, "exchange": exchange,
+                             "routing-keys": ["command.ghost.haunt"]}], RESCUES_HEADER: 3}
+        async with bus.run(app, services=["ghost"], orchestrator=False):  # consumes :dlq
+            await dead_letter(exchange, command.body, died)
+            with pytest.raises(WorkflowFailed, match="Abandoned") as failed:
+                await run.result(timeout=20)
+        dead = await rt.dlq()
+    assert "after 3 hand-backs" in failed.value.error
+    assert [(d.reason, d.group, d.type) for d in dead] == [("abandoned", "ghost", "ghost.haunt")]
+    assert handled == []
