@@ -432,8 +432,10 @@ async def record_abandoned(rt: Runtime, abandoned: Abandoned) -> None:
         body=abandoned.body, reason="abandoned", error=f"Abandoned: {abandoned.reason}", attempts=abandoned.deliveries,
     )
     # The inbox mark makes a second copy of it (a crash before the broker's ack) a no-op.
-    settlement = Settlement(abandoned.group, msg.id if msg is not None else "", dead.flow_id, "dead",
-                            inbox=msg is not None, dead=dead)
+    # One that died in no group's queue was never counted in its flow, nor is it marked.
+    known = msg is not None and bool(abandoned.group)
+    settlement = Settlement(abandoned.group, msg.id if msg is not None else "", dead.flow_id if known else None,
+                            "dead", inbox=known, dead=dead)
     if msg is not None and msg.kind == "command":
         failure = Failure(event=msg.type, service=abandoned.group, handler="", error_type="Abandoned",
                           error=abandoned.reason, attempts=abandoned.deliveries, payload=msg.payload, message_id=msg.id)

@@ -55,7 +55,9 @@ class ReplyInbox:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
         if self._inflight:
-            await asyncio.wait(self._inflight, timeout=self.rt.options.shutdown_grace)
+            _, pending = await asyncio.wait(self._inflight, timeout=self.rt.options.shutdown_grace)
+            for task in pending:  # settled already: what they would do, a replay does
+                task.cancel()
         self.rt.store.local_routes.discard(self.route)
         if self.sub is not None:
             await self.sub.close()

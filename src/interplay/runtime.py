@@ -223,6 +223,7 @@ class Runtime:
             await self.replies.start()
 
     async def _close_backends(self) -> None:
+        self.transport.on_abandoned(None)  # a transport passed in outlives this store
         if self._owns_transport:
             await self.transport.close()
         if self._owns_store:

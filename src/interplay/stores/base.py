@@ -111,6 +111,11 @@ class Store(StoreOperations):
         """Whether a transaction that failed with ``exc`` may just run again (a deadlock victim)."""
         return False
 
+    def _locked(self, exc: Exception) -> bool:
+        """Whether ``exc`` only says another connection holds the write lock (the
+        connection itself is fine)."""
+        return False
+
     def _cut_off(self, exc: Exception) -> bool:
         """Whether ``exc`` means the connection was lost (so a COMMIT sent may have committed)."""
         return False
@@ -370,8 +375,10 @@ class Store(StoreOperations):
                 if outcome is not None:
                     outcome[1]()
             try:
-                if began:  # else there is no transaction (SQLite would say so, and we'd reconnect)
+                if began:
                     cur.execute("ROLLBACK")
+                elif not self._locked(exc):  # BEGIN failed: no transaction; the connection may be bad
+                    self._reconnect_writer()
             except Exception:  # the connection may be gone; reconnect below
                 self._reconnect_writer()
             if in_doubt:

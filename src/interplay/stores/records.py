@@ -85,7 +85,8 @@ class DeadLetter:
     flow_id: str | None
     body: bytes
     reason: str
-    """``rejected``, ``retries_exhausted``, ``invalid_payload``, ``invalid_envelope``, ``no_handler``."""
+    """``rejected``, ``retries_exhausted``, ``invalid_payload``, ``invalid_envelope``, ``no_handler``,
+    ``too_many_deliveries``, ``emit_too_large``, ``abandoned`` (a broker gave up on it)."""
     error: str | None
     attempts: int
 

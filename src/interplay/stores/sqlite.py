@@ -167,6 +167,10 @@ class SqliteStore(Store):
     def _error_types(self) -> tuple[type[BaseException], ...]:
         return (sqlite3.Error,)
 
+    def _locked(self, exc: Exception) -> bool:
+        """SQLITE_BUSY / SQLITE_LOCKED past ``busy_timeout``."""
+        return isinstance(exc, sqlite3.OperationalError) and ("locked" in str(exc) or "busy" in str(exc))
+
     def _share_reader(self) -> bool:
         return not self.durable
 

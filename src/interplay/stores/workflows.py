@@ -390,7 +390,7 @@ def load_journals(tx: Tx, run_ids: Sequence[str]) -> dict[str, list[JournalEntry
 def ended_runs(tx: Tx, run_ids: Sequence[str]) -> set[str]:
     """Which of these runs have ended (or were parked)."""
     rows = _select_in(tx, "SELECT run_id FROM ip_runs WHERE run_id IN", run_ids,
-                      "AND status NOT IN ('pending', 'running')")
+                      f"AND status NOT IN ({', '.join(repr(status) for status in ACTIVE)})")
     return {r[0] for r in rows}
 
 

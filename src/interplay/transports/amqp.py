@@ -346,7 +346,7 @@ class AmqpTransport(Transport):
         self._ephemeral.discard(group)
         self.declared_queues.discard(name)
 
-    def on_abandoned(self, sink: AbandonedSink) -> None:
+    def on_abandoned(self, sink: AbandonedSink | None) -> None:
         """Dead letters that cannot go back to their group go to ``sink``, not ``:parked``
         (see :mod:`~interplay.transports.amqp_dlq`); call before the first subscribe."""
         self._rescue.sink = sink

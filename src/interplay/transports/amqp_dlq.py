@@ -144,9 +144,13 @@ class DeadLetterRescue:
         t = self.transport
         if self.sink is not None:
             log.warning("a message in %r is dead-lettered into the store: %s", t.dlq_name, why)
-            await self._until_taken(Abandoned(message.body, route, group, why, deliveries))
-            await self._quietly(message.ack, "acking an abandoned dead letter")
-            return
+            try:
+                await self._until_taken(Abandoned(message.body, route, group, why, deliveries))
+            except _NoSink:
+                pass  # parked below instead
+            else:
+                await self._quietly(message.ack, "acking an abandoned dead letter")
+                return
         log.warning("a message in %r is parked in %r: %s", t.dlq_name, t.parked_name, why)
         if await self._until_published("", t.parked_name, message.body, {**headers, PARKED_HEADER: why}, "parking"):
             log.error("%r is missing: the message stays in %r", t.parked_name, t.dlq_name)
@@ -155,19 +159,32 @@ class DeadLetterRescue:
 
     async def _unpark(self, message: AbstractIncomingMessage) -> None:
         """A message parked before (by a process without a sink): into the sink, then ack."""
+        t = self.transport
         headers = dict(message.headers or {})
         group, route, deliveries = self._death(message, headers)
         why = text(headers.get(PARKED_HEADER)) or "parked"
-        await self._until_taken(Abandoned(message.body, route, group, why, deliveries))
+        if route == t.parked_name:
+            route = ""  # parked by queue name, and nothing says the route it came by
+        try:
+            await self._until_taken(Abandoned(message.body, route, group, why, deliveries))
+        except _NoSink:
+            return  # unacked: it stays parked when this channel closes
         await self._quietly(message.ack, "acking a parked message recorded")
 
     async def _until_taken(self, abandoned: Abandoned) -> None:
-        """Hand to the sink until it takes it (backing off): the store may be down a while."""
-        assert self.sink is not None
+        """Hand to the sink until it takes it (backing off): the store may be down a while.
+
+        Meanwhile the message stays unacked, holding one of the consumer's prefetch slots;
+        past RabbitMQ's ``consumer_timeout`` (30 min by default) the channel is closed and
+        the message delivered again, its count raised (see the README on long outages).
+        """
         delay = self.transport.options.reconnect_interval
         while True:
+            sink = self.sink
+            if sink is None:  # the runtime closed: park it after all
+                raise _NoSink
             try:
-                await self.sink(abandoned)
+                await sink(abandoned)
                 return
             except Exception as exc:  # any failure: the message waits, unacked, and we try again
                 log.warning("recording an abandoned dead letter failed (retrying in %.1fs): %s", delay, exc)
@@ -193,6 +210,10 @@ class DeadLetterRescue:
                 await action()
         except TransportError as exc:
             log.debug("%s failed: %s", what, exc)
+
+
+class _NoSink(Exception):
+    """The sink was taken away (its runtime closed) while a message waited for it."""
 
 
 def _death(headers: dict[str, Any]) -> dict[str, Any]:

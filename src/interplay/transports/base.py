@@ -201,11 +201,12 @@ class Transport(ABC):
         outbox for a relay that can never publish them."""
         return None
 
-    def on_abandoned(self, sink: AbandonedSink) -> None:
-        """Hand messages the broker gives up on to ``sink`` instead of keeping them aside.
+    def on_abandoned(self, sink: AbandonedSink | None) -> None:
+        """Hand messages the broker gives up on to ``sink`` instead of keeping them aside
+        (None: keep them aside again).
 
-        The runtime records them in the store's DLQ (``interplay dlq``). Only a broker
-        that gives up on messages by itself calls it (RabbitMQ); the others ignore it.
+        The runtime records them in the store's DLQ (``interplay dlq``). Only a transport
+        whose broker gives up on messages by itself uses it (RabbitMQ); the others ignore it.
         """
         return None
 

@@ -14,7 +14,7 @@ import logging
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
-from typing import TYPE_CHECKING, Any, NoReturn
+from typing import TYPE_CHECKING, Any
 
 from ..commands import reply_error, reply_result
 from ..errors import MessageTooLarge, StepFailed, StepTimeout, StoreError, WorkflowCancelled
@@ -147,6 +147,7 @@ class Steps:
             entry = self._entry(state, key, "call", target, "scheduled", msg_id=msg.id, data={"args": digest},
                                 deadline=deadline)
             sending = self.write(state, entry, [self.rt.app.topology.outgoing(msg)])
+            resending = False
         else:
             # In flight when its previous owner stopped: send it again with the same id;
             # the service's inbox answers from the reply it stored the first time.
@@ -156,12 +157,13 @@ class Steps:
             msg = Message(type=target, payload=data, kind="command", id=entry.msg_id, flow_id=run.flow_id,
                           causation_id=state.root_id, source=state.source, headers=headers)
             sending = self.rt.send([self.rt.app.topology.outgoing(msg)])
+            resending = True
         self.replies[msg.id] = fut
         try:
             await sending
-        except MessageTooLarge as exc:  # (journaled as scheduled by an interplay from before the check)
+        except MessageTooLarge as exc:  # on a re-send: journaled as scheduled by an interplay from before
             del self.replies[msg.id]
-            await self._refused(state, key, "call", target, exc)
+            return _outcome(await self._refused(state, key, "call", target, exc, resent=resending))
         except BaseException:
             del self.replies[msg.id]  # never sent: no reply will come
             raise
@@ -201,6 +203,10 @@ class Steps:
 
     def active_state(self, run_id: str | None) -> RunState | None:
         """The state of a run executing here."""
+        raise NotImplementedError
+
+    def _stopping(self) -> bool:
+        """Whether this orchestrator is shutting down."""
         raise NotImplementedError
 
     async def _reload(self, state: RunState, key: int) -> JournalEntry:
@@ -301,15 +307,22 @@ class Steps:
             await self.write(state, self._entry(state, key, "emit", event, "completed", msg_id=msg.id),
                              [self.rt.app.topology.outgoing(msg)])
         except MessageTooLarge as exc:
-            await self._refused(state, key, "emit", event, exc)
+            return str(_outcome(await self._refused(state, key, "emit", event, exc)))  # raises StepFailed
         return msg.id
 
-    async def _refused(self, state: RunState, key: int, kind: str, name: str, exc: MessageTooLarge) -> NoReturn:
+    async def _refused(self, state: RunState, key: int, kind: str, name: str, exc: MessageTooLarge,
+                       *, resent: bool = False) -> JournalEntry:
         """A call or emit the bus would never take: journal it as failed (nothing sent),
-        so that a replay raises the same error whatever the bus's limit is by then."""
+        so that a replay raises the same error whatever the bus's limit is by then; the
+        entry that stands (``_outcome`` of it raises that error).
+
+        ``resent``: a call journaled as scheduled before, whose reply may have been
+        recorded meanwhile: then that reply stands.
+        """
         failed = self._entry(state, key, kind, name, "failed", error_type="MessageTooLarge", error=str(exc))
-        await self.write(state, failed)
-        raise step_failed(failed) from exc
+        if await self.write(state, failed, only_if_scheduled=resent):
+            return failed
+        return await self._reload(state, key)
 
     async def wait(self, state: RunState, key: int, kind: str, name: str, wait_type: str,
                    match: Callable[[Any], bool], timeout: float | None) -> Any:
@@ -379,9 +392,10 @@ class Steps:
         store is unreachable (the wake itself is settled already).
         """
         body = msg.payload if isinstance(msg.payload, dict) else {}
-        waiter = self.waiters.get((str(body.get("run_id")), int(body.get("seq", -1))))
-        if waiter is None:
+        waiter_key = (str(body.get("run_id")), int(body.get("seq", -1)))
+        if waiter_key not in self.waiters:
             return
+        waiter: Waiter = self.waiters[waiter_key]
         msg_id = str(body.get("message_id") or "")
         if "payload" in body:
             payload = body["payload"]
@@ -393,7 +407,9 @@ class Steps:
                     found, payload = await self.rt.store.read(read)
                     break
                 except StoreError as exc:
-                    if waiter.future.done():
+                    # Until the wait ends another way (timeout, cancel, the run moving on or
+                    # away, this orchestrator stopping): whoever runs it then rescans on replay.
+                    if waiter.future.done() or self.waiters.get(waiter_key) is not waiter or self._stopping():
                         return
                     log.warning("run %s: reading what woke it failed (retrying in %.2fs): %s",
                                 body.get("run_id"), delay, exc)
