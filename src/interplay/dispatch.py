@@ -300,8 +300,12 @@ class Consumer:
         error_type: str,
         error: str,
         started: float,
+        *,
+        ack: bool = True,
     ) -> None:
-        """Fail a message for good: DLQ, ``on_error`` event or error reply, span."""
+        """Fail a message for good: DLQ, ``on_error`` event or error reply, span (and the
+        ack, unless ``ack`` is False: a message the broker gave up on, see
+        :func:`record_abandoned`)."""
         failure = Failure(
             event=msg.type, service=self.group, handler=handler.name if handler else "",
             error_type=error_type, error=error, attempts=d.deliveries, payload=msg.payload,
@@ -328,7 +332,7 @@ class Consumer:
                 body=d.body, reason=reason, error=f"{error_type}: {error}", attempts=d.deliveries,
             ),
         )
-        await self._settle(d, settlement, emits)
+        await self._settle(d, settlement, emits, ack=ack)
 
     async def _dead_invalid(self, d: Delivery, started: float) -> None:
         log.warning("%s: undecodable message dead-lettered: %s", self.group, d.error)
@@ -369,7 +373,8 @@ class Consumer:
         )
 
     async def _settle(
-        self, d: Delivery, settlement: Settlement, emits: list[Message], *, retry_delay: float = 0.0
+        self, d: Delivery, settlement: Settlement, emits: list[Message], *, retry_delay: float = 0.0,
+        ack: bool = True,
     ) -> str:
         rt = self.rt
         settlement.queue_id, settlement.lease = d.queue_id, d.lease
@@ -401,8 +406,8 @@ class Consumer:
             span = settlement.span
             rt.instrumentation.handled(span, max(0.0, span.started - (d.message.time if d.message else span.started)))
         await rt.relay(relay)  # to the broker, or in memory to this process's reply inbox
-        if rt.transport.store_bound:
-            return result  # the ack was part of the transaction
+        if rt.transport.store_bound or not ack:
+            return result  # the ack was part of the transaction, or is not ours to give
         assert self.sub is not None
         if settlement.outcome == "retry":
             await self.sub.nack(d, retry_delay)
@@ -423,32 +428,26 @@ def reply_to(command: Message, body: Any, source: str) -> Message | None:
 
 async def record_abandoned(rt: Runtime, abandoned: Abandoned) -> None:
     """Dead-letter into the store a message the broker gave up on (reason ``abandoned``),
-    its handler never run: in ``interplay dlq``, its flow failed, a command's caller
-    answered with the error (as :meth:`Consumer._fail` does). Raises if the store fails."""
-    msg = Delivery.from_bytes(abandoned.body, abandoned.deliveries).message
+    its handler never run - as its service's consumer fails any message: in ``interplay
+    dlq``, its flow failed, an ``on_error`` event or a command's caller answered with the
+    error, a span. Raises if the store fails (the broker keeps it meanwhile)."""
+    d = Delivery.from_bytes(abandoned.body, abandoned.deliveries, route=abandoned.route or None)
+    msg = d.message
+    service = rt.app.services.get(abandoned.group)
+    if msg is not None and service is not None:
+        consumer = rt.consumers.get(abandoned.group) or Consumer(rt, service)
+        await consumer._fail(d, msg, consumer._handler_for(msg), "abandoned", "Abandoned", abandoned.reason,
+                             rt.clock.now(), ack=False)
+        return
+    # Not an envelope, or from a queue of no service here: kept, but counted in no flow
+    # (it never was) and marked in no inbox.
     dead = DeadLetter(
         msg_id=msg.id if msg is not None else "invalid-" + new_id(), group=abandoned.group, route=abandoned.route,
         type=msg.type if msg is not None else "(invalid)", flow_id=msg.flow_id if msg is not None else None,
         body=abandoned.body, reason="abandoned", error=f"Abandoned: {abandoned.reason}", attempts=abandoned.deliveries,
     )
-    # The inbox mark makes a second copy of it (a crash before the broker's ack) a no-op.
-    # One that died in no group's queue was never counted in its flow, nor is it marked.
-    known = msg is not None and bool(abandoned.group)
-    settlement = Settlement(abandoned.group, msg.id if msg is not None else "", dead.flow_id if known else None,
-                            "dead", inbox=known, dead=dead)
-    if msg is not None and msg.kind == "command":
-        failure = Failure(event=msg.type, service=abandoned.group, handler="", error_type="Abandoned",
-                          error=abandoned.reason, attempts=abandoned.deliveries, payload=msg.payload, message_id=msg.id)
-        body = reply_body(False, failure.model_dump(mode="json"))
-        settlement.reply = orjson.dumps(body)
-        reply = reply_to(msg, body, abandoned.group or "interplay")
-        if reply is not None:
-            out = rt.app.topology.outgoing(reply)
-            settlement.emits = [out]
-            if out.route in rt.store.local_routes and is_workflow_reply(reply):
-                settlement.extra = recorder(reply, rt.clock.now())
-    _, relay = await rt.store.settle(settlement, rt.clock.now(), rt.delivery_mode)
-    await rt.relay(relay)
+    await rt.store.settle(Settlement(abandoned.group, dead.msg_id, None, "dead", dead=dead), rt.clock.now(),
+                          rt.delivery_mode)
 
 
 def _route(msg: Message) -> str:

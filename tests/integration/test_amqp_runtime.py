@@ -263,3 +263,25 @@ async def test_an_abandoned_command_answers_the_workflow_waiting_for_it(bus: Bus
     assert "after 3 hand-backs" in failed.value.error
     assert [(d.reason, d.group, d.type) for d in dead] == [("abandoned", "ghost", "ghost.haunt")]
     assert handled == []
+
+
+async def test_an_abandoned_event_fails_like_any_dead_letter_of_its_service(bus: Bus) -> None:
+    # Given up on in payments (it died there again after three hand-backs): dead-lettered
+    # as payments fails any message - its on_error event (payment.failed) sent, which the
+    # orders service compensates - and never handled.
+    calls: Counter[str] = Counter()
+    async with bus.run(order_app(calls)) as rt:
+        transport = rt.transport
+        assert isinstance(transport, AmqpTransport)
+        exchange, queue = transport.options.exchange, transport.queue_name("payments")
+        order = Message(type="order.created", payload={"id": 6, "amount": 3.0}, kind="event", source="test")
+        died = {"x-death": [{"count": 1, "reason": "delivery_limit", "queue": queue, "exchange": exchange,
+                             "routing-keys": ["event.order.created"]}], RESCUES_HEADER: 3}
+        await dead_letter(exchange, order.encode(), died)
+        await wait_until(lambda: calls["orders"] == 1, timeout=20, message="the compensation of payment.failed")
+        dead = await rt.dlq()
+        flow = await rt.trace(order.flow_id)
+    assert [(d.reason, d.group, d.type) for d in dead] == [("abandoned", "payments", "order.created")]
+    assert calls["payments"] == 0
+    (cancelled,) = flow.find("order.cancelled")
+    assert "after 3 hand-backs" in cancelled.message.payload["why"]
