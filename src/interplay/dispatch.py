@@ -361,7 +361,13 @@ class Consumer:
         return answer
 
     def _reply(self, command: Message, body: Any) -> Message | None:
-        return reply_to(command, body, self.group)
+        reply_to = command.headers.get("reply_to")
+        if not reply_to:
+            return None
+        # x- headers are the caller's correlation (a workflow's run and step): echo them.
+        echoed = {k: v for k, v in command.headers.items() if k.startswith("x-")}
+        return command.caused(command.type, body, kind="reply", source=self.group,
+                              headers={**echoed, "reply_to": reply_to})
 
     def _span(
         self, msg: Message, handler: Handler | None, started: float, outcome: str, error: str | None, attempt: int
@@ -414,16 +420,6 @@ class Consumer:
         else:
             await self.sub.ack([d])
         return result
-
-
-def reply_to(command: Message, body: Any, source: str) -> Message | None:
-    """The reply to ``command`` carrying ``body`` (None if its sender wants none)."""
-    route = command.headers.get("reply_to")
-    if not route:
-        return None
-    # x- headers are the caller's correlation (a workflow's run and step): echo them.
-    echoed = {k: v for k, v in command.headers.items() if k.startswith("x-")}
-    return command.caused(command.type, body, kind="reply", source=source, headers={**echoed, "reply_to": route})
 
 
 async def record_abandoned(rt: Runtime, abandoned: Abandoned) -> None:
