@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import fcntl
 import os
 import sqlite3
 import threading
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import pytest
@@ -44,26 +45,15 @@ async def test_writers_on_one_file_take_turns_instead_of_meeting_a_locked_databa
     await first.open()
     await second.open()
     await second.write(lambda tx: tx.execute("PRAGMA busy_timeout = 0"))
-    inside, release = threading.Event(), threading.Event()
-
-    def hold(tx: Tx) -> None:  # a write transaction that stays open until released
-        tx.execute("INSERT INTO ip_meta (key, value) VALUES ('first', '1')")
-        inside.set()
-        release.wait(10)
-
     try:
-        holding = asyncio.create_task(first.write(hold))
-        assert await asyncio.to_thread(inside.wait, 10)
-        waiting = asyncio.create_task(second.write(
-            lambda tx: tx.execute("INSERT INTO ip_meta (key, value) VALUES ('second', '2')").rowcount))
-        await asyncio.sleep(0.2)
-        assert not waiting.done()  # neither failed nor written: waiting for its turn
-        release.set()
-        await holding
+        async with writing_held_open(first):
+            waiting = asyncio.create_task(second.write(
+                lambda tx: tx.execute("INSERT INTO ip_meta (key, value) VALUES ('second', '2')").rowcount))
+            await asyncio.sleep(0.2)
+            assert not waiting.done()  # neither failed nor written: waiting for its turn
         assert await waiting == 1
         assert (tmp_path / "shared.db-lock").exists()
     finally:
-        release.set()
         await first.close()
         await second.close()
 
@@ -75,6 +65,20 @@ async def test_a_writer_waits_for_its_turn_at_most_busy_timeout(tmp_path: Path) 
     first, second = SqliteStore(url), SqliteStore(url)
     await first.open()
     await second.open()
+    try:
+        async with writing_held_open(first):
+            with pytest.raises(StoreError, match=r"held the write lock for over 0\.3s"):
+                await asyncio.wait_for(second.write(lambda tx: tx.execute("SELECT 1")), 5)
+        await second.write(lambda tx: tx.execute("INSERT INTO ip_meta (key, value) VALUES ('second', '2')"))
+    finally:
+        await first.close()
+        await asyncio.wait_for(second.close(), 5)
+
+
+@contextlib.asynccontextmanager
+async def writing_held_open(store: SqliteStore) -> AsyncIterator[None]:
+    """Inside: ``store`` holds a write transaction open (another process mid-write);
+    on leaving it commits."""
     inside, release = threading.Event(), threading.Event()
 
     def hold(tx: Tx) -> None:
@@ -82,18 +86,13 @@ async def test_a_writer_waits_for_its_turn_at_most_busy_timeout(tmp_path: Path) 
         inside.set()
         release.wait(10)
 
+    holding = asyncio.create_task(store.write(hold))
     try:
-        holding = asyncio.create_task(first.write(hold))
         assert await asyncio.to_thread(inside.wait, 10)
-        with pytest.raises(StoreError, match=r"held the write lock for over 0\.3s"):
-            await asyncio.wait_for(second.write(lambda tx: tx.execute("SELECT 1")), 5)
-        release.set()
-        await holding
-        await second.write(lambda tx: tx.execute("INSERT INTO ip_meta (key, value) VALUES ('second', '2')"))
+        yield
     finally:
         release.set()
-        await first.close()
-        await asyncio.wait_for(second.close(), 5)
+        await holding
 
 
 async def test_an_in_memory_store_keeps_no_lock_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
