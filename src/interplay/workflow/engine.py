@@ -442,9 +442,6 @@ class Engine(Steps):
         """The state of a run executing here."""
         return None if run_id is None else self.active.get(run_id)
 
-    def _stopping(self) -> bool:
-        return self.stopping
-
     def wake_claims(self) -> None:
         """Look for claimable runs now (a run was created or resumed)."""
         self._wake.set()

@@ -59,6 +59,7 @@ class Steps:
     owner: str
     replies: dict[str, asyncio.Future[Any]]
     waiters: dict[tuple[str, int], Any]
+    stopping: bool
 
     def launch(self, run: RunRow, journal: dict[int, JournalEntry]) -> RunState:
         raise NotImplementedError
@@ -203,10 +204,6 @@ class Steps:
 
     def active_state(self, run_id: str | None) -> RunState | None:
         """The state of a run executing here."""
-        raise NotImplementedError
-
-    def _stopping(self) -> bool:
-        """Whether this orchestrator is shutting down."""
         raise NotImplementedError
 
     async def _reload(self, state: RunState, key: int) -> JournalEntry:
@@ -409,7 +406,7 @@ class Steps:
                 except StoreError as exc:
                     # Until the wait ends another way (timeout, cancel, the run moving on or
                     # away, this orchestrator stopping): whoever runs it then rescans on replay.
-                    if waiter.future.done() or self.waiters.get(waiter_key) is not waiter or self._stopping():
+                    if waiter.future.done() or self.waiters.get(waiter_key) is not waiter or self.stopping:
                         return
                     log.warning("run %s: reading what woke it failed (retrying in %.2fs): %s",
                                 body.get("run_id"), delay, exc)
