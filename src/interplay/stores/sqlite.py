@@ -14,12 +14,14 @@ Several processes on one file take turns at writing through a lock file beside i
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import sqlite3
 import threading
 import time
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from pathlib import Path
 from queue import SimpleQueue
 from typing import Any
@@ -85,10 +87,12 @@ class SqliteStore(Store):
 
     def _apply(self, ops: list[Callable[[Tx], Any]], attempt: int = 0, batching: bool = True,
                ) -> tuple[list[Any], set[str]]:
-        if self._turns is None:
+        with self._turn():
             return super()._apply(ops, attempt, batching)
-        with self._turns:
-            return super()._apply(ops, attempt, batching)
+
+    def _turn(self) -> AbstractContextManager[None]:
+        """Held around every write transaction: this process's turn at the file."""
+        return self._turns if self._turns is not None else contextlib.nullcontext()
 
     async def open(self) -> None:
         """Connect and create or upgrade the schema (see :meth:`Store.open`)."""
@@ -101,10 +105,7 @@ class SqliteStore(Store):
             raise
 
     def _migrate(self) -> None:
-        if self._turns is None:
-            super()._migrate()
-            return
-        with self._turns:
+        with self._turn():
             super()._migrate()
 
     def _writer_loop(self, loop: asyncio.AbstractEventLoop, conn: Any) -> None:
