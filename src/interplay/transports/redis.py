@@ -64,9 +64,9 @@ import logging
 import os
 import socket
 import uuid
-from collections.abc import Awaitable, Callable, Coroutine, Iterator, Sequence
+from collections.abc import Coroutine, Iterator, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Generic, TypeVar
+from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from redis.asyncio import Redis
@@ -76,6 +76,7 @@ from redis.exceptions import RedisError, ResponseError
 
 from ..errors import ConfigurationError, TransportError
 from .base import Delivery, Subscription, Transport
+from .coalesce import Coalescer, Refused
 
 if TYPE_CHECKING:
     from ..clock import Clock
@@ -84,7 +85,6 @@ if TYPE_CHECKING:
 __all__ = ["RedisTransport"]
 
 log = logging.getLogger("interplay.transports.redis")
-T = TypeVar("T")
 
 _NOW_MS = "local t = redis.call('TIME')\nlocal now_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)\n"
 
@@ -304,73 +304,6 @@ def _xadd_result(reply: Any) -> Any:
     return reply
 
 
-class _Refused(TransportError):
-    """Some items of a coalesced round trip failed (by position); the others went through."""
-
-    def __init__(self, message: str, failed: dict[int, Exception]) -> None:
-        super().__init__(message)
-        self.failed = failed
-
-
-class _Coalescer(Generic[T]):
-    """Runs what concurrent callers submit in one round trip (a group commit for acks).
-
-    If the round trip fails, every caller gets the error - unless it is :class:`_Refused`:
-    then only the callers whose items it names do.
-    """
-
-    def __init__(self, run: Callable[[list[T]], Awaitable[None]]) -> None:
-        self._run = run
-        self._queue: list[tuple[Sequence[T], asyncio.Future[None]]] = []
-        self._task: asyncio.Task[None] | None = None
-
-    async def submit(self, items: Sequence[T]) -> None:
-        future = asyncio.get_running_loop().create_future()
-        self._queue.append((items, future))
-        if self._task is None:
-            self._task = asyncio.get_running_loop().create_task(self._flush())
-        await future
-
-    async def _flush(self) -> None:
-        batch: list[tuple[Sequence[T], asyncio.Future[None]]] = []
-        try:
-            while self._queue:
-                batch, self._queue = self._queue, []
-                try:
-                    await self._run([item for items, _ in batch for item in items])
-                except _Refused as exc:
-                    start = 0
-                    for items, future in batch:
-                        mine = [exc.failed[i] for i in range(start, start + len(items)) if i in exc.failed]
-                        start += len(items)
-                        if future.done():
-                            continue
-                        if mine:
-                            error = TransportError(f"redis: publish failed: {mine[0]}")
-                            error.__cause__ = mine[0]
-                            future.set_exception(error)
-                        else:
-                            future.set_result(None)
-                except Exception as exc:
-                    for _, future in batch:
-                        if not future.done():
-                            future.set_exception(exc)
-                else:
-                    for _, future in batch:
-                        if not future.done():
-                            future.set_result(None)
-        finally:
-            self._task = None
-            for _, future in batch + self._queue:  # only pending when cancelled (transport closed)
-                if not future.done():
-                    future.set_exception(TransportError("redis: the transport was closed"))
-            self._queue = []
-
-    def cancel(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-
-
 class RedisTransport(Transport):
     """A bus on Redis Streams (``redis://`` or ``rediss://``); see the module docs."""
 
@@ -386,8 +319,8 @@ class RedisTransport(Transport):
         self._groups: set[str] = set()
         self._ephemeral: set[str] = set()
         self._tasks: set[asyncio.Task[None]] = set()
-        self._acks: _Coalescer[tuple[str, str, str]] = _Coalescer(self._ack_batch)
-        self._publishes: _Coalescer[tuple[str, bytes]] = _Coalescer(self._publish_batch)
+        self._acks: Coalescer[tuple[str, str, str]] = Coalescer("redis", self._ack_batch)
+        self._publishes: Coalescer[tuple[str, bytes]] = Coalescer("redis", self._publish_batch)
         self._scripts: dict[str, Any] = {}
 
     # ------------------------------------------------------------------ keys
@@ -527,7 +460,7 @@ class RedisTransport(Transport):
         # ACL): fail only the callers whose messages it refused, not all who shared the trip.
         refused = {i: r for i, r in enumerate(results) if isinstance(r, Exception)}
         if refused:
-            raise _Refused(f"redis: publish failed: {next(iter(refused.values()))}", refused)
+            raise Refused("redis: publish failed", refused)
 
     async def _xadd_all(self, items: list[tuple[str, bytes]]) -> list[Any]:
         """XADD each item, a script call per :data:`_PUBLISH_CHUNK`; per item, its entry
