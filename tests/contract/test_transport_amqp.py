@@ -21,7 +21,7 @@ from interplay.clock import SystemClock
 from interplay.errors import ConfigurationError, TransportError
 from interplay.testing import wait_until
 from interplay.transports import open_transport
-from interplay.transports.amqp import AmqpOptions, AmqpTransport, delay_level, redact
+from interplay.transports.amqp import AmqpOptions, AmqpTransport, _Tags, delay_level, redact
 from interplay.transports.amqp_dlq import PARKED_HEADER, RESCUES_HEADER
 from interplay.transports.base import Transport
 
@@ -222,6 +222,58 @@ class TestAmqpTransport(TransportContract):
         assert "after 3 hand-backs" in reasons[b"thrice"]
         assert await take_all(t.dlq_name) == []
 
+    async def test_concurrent_acks_go_out_as_few_multiple_acks(
+        self, connect_bus: Connect, names: dict[str, str]
+    ) -> None:
+        t = await connect_bus()
+        sub = await t.subscribe(names["g1"], [names["route"]], lease=10)
+        await asyncio.gather(*(t.publish([outgoing(names["route"], n)]) for n in range(100)))
+        got = await drain(sub, 100, ack=False)
+        channel = await sub._channel.get_underlay_channel()  # type: ignore[attr-defined]
+        frames: list[tuple[int, bool]] = []
+        basic_ack = channel.basic_ack
+
+        async def counted(tag: int, multiple: bool = False, wait: bool = True) -> None:
+            frames.append((tag, multiple))
+            await basic_ack(tag, multiple=multiple, wait=wait)
+
+        channel.basic_ack = counted
+        await asyncio.gather(*(sub.ack([d]) for d in reversed(got)))
+        assert len(frames) <= 3
+        assert any(multiple for _, multiple in frames)
+        await sub.close()
+        other = await t.subscribe(names["g1"], [names["route"]], lease=10)
+        assert await other.receive(10, 1.0) == []  # every one of them acked
+        await other.close()
+
+    async def test_a_publish_rabbitmq_refuses_fails_only_its_caller(
+        self, connect_bus: Connect, names: dict[str, str]
+    ) -> None:
+        t = await connect_bus()
+        sub = await t.subscribe(names["g1"], [names["route"]], lease=10)
+        full, bad = f"{self.exchange}.full", names["route"] + ".bad"
+        connection = await aio_pika.connect(BROKER)
+        try:  # a queue that takes nothing, bound to one route: RabbitMQ nacks what goes there
+            channel = await connection.channel()
+            queue = await channel.declare_queue(
+                full, arguments={"x-max-length": 0, "x-overflow": "reject-publish"}
+            )
+            await queue.bind(self.exchange, bad)
+        finally:
+            await connection.close()
+        t.declared_queues.add(full)  # type: ignore[attr-defined]
+        # Concurrent callers share a batch; the refusal is about one message of one caller.
+        results = await asyncio.gather(
+            *(t.publish([outgoing(names["route"], n)]) for n in range(5)),
+            t.publish([outgoing(bad, 99)]),
+            t.publish([outgoing(names["route"], 5), outgoing(bad, 98)]),
+            return_exceptions=True,
+        )
+        assert results[:5] == [None] * 5
+        assert all(isinstance(r, TransportError) and "publishing to" in str(r) for r in results[5:])
+        assert sorted(numbers(await drain(sub, 6))) == list(range(6))  # the refused caller's other one too
+        await sub.close()
+
     async def test_unreachable_broker_is_a_transport_error(self) -> None:
         t = AmqpTransport(f"amqp://guest:guest@{HOST}:1/?exchange={self.exchange}&connect_timeout=2")
         with pytest.raises(TransportError, match="connecting to"):
@@ -275,3 +327,27 @@ def test_url_options_are_parsed_and_the_rest_goes_to_the_driver() -> None:
 def test_bad_url_options_are_configuration_errors(query: str) -> None:
     with pytest.raises(ConfigurationError):
         AmqpTransport(f"amqp://h/?{query}")
+
+
+def test_one_multiple_ack_settles_only_a_run_from_the_oldest_outstanding_tag() -> None:
+    tags = _Tags()
+    for tag in range(1, 11):
+        tags.delivered(tag)
+    assert tags.plan([1, 2, 3]) == [(3, True)]
+    assert tags.plan([2]) == [(2, False)]  # a lone tag needs no multiple
+    assert tags.plan([2, 3, 5, 6]) == [(2, False), (3, False), (5, False), (6, False)]  # 1 still open
+    tags.open -= {1, 2, 3, 4}
+    assert tags.plan([5, 6, 8]) == [(6, True), (8, False)]  # 7 still open
+    assert tags.plan([10, 9, 8, 7, 6, 5]) == [(10, True)]
+
+
+def test_a_multiple_ack_never_covers_a_tag_not_seen_yet() -> None:
+    tags = _Tags()
+    for tag in (1, 2, 4, 5):  # 3 delivered, but its callback has not run yet
+        tags.delivered(tag)
+    assert tags.seen == 2
+    assert tags.plan([1, 2, 4, 5]) == [(2, True), (4, False), (5, False)]
+    tags.delivered(3)
+    assert tags.seen == 5
+    tags.open -= {1, 2}
+    assert tags.plan([3, 4, 5]) == [(5, True)]

@@ -204,6 +204,33 @@ class TransportContract:
         assert await other.receive(10, 2 * LEASE) == []
         await other.close()
 
+    async def test_concurrent_callers_settle_exactly_their_own_deliveries(
+        self, connect_bus: Connect, names: dict[str, str]
+    ) -> None:
+        # Many handlers publishing and settling at once (a bus may share round trips or ack
+        # runs of deliveries in one frame): every publish arrives, and what was given
+        # back or still held comes again - nothing acked does.
+        t = await connect_bus()
+        sub = await t.subscribe(names["g1"], [names["route"]], lease=3 * LEASE)  # held ones return after it
+        await asyncio.gather(*(t.publish([outgoing(names["route"], n)]) for n in range(120)))
+        got = await drain(sub, 120, ack=False)
+        assert sorted(numbers(got)) == list(range(120))
+        by_n = {d.message.payload["n"]: d for d in got if d.message is not None}
+        given_back, held = {n for n in by_n if n % 7 == 3}, {n for n in by_n if n % 11 == 5}
+        acked = [by_n[n] for n in sorted(by_n, key=lambda n: (n * 37) % 120) if n not in given_back | held]
+        await asyncio.gather(
+            *(sub.ack([d]) for d in acked[:40]),
+            *(sub.nack(by_n[n], 0) for n in sorted(given_back)),
+            sub.ack(acked[40:80]),
+            *(sub.ack([d]) for d in acked[80:]),
+        )
+        await sub.close()
+        other = await (await connect_bus()).subscribe(names["g1"], [names["route"]], lease=10.0)
+        again = await drain(other, len(given_back | held), timeout=15 * LEASE)
+        assert sorted(numbers(again)) == sorted(given_back | held)
+        assert await other.receive(10, 2 * LEASE) == []
+        await other.close()
+
     async def test_extend_keeps_a_long_handler_lease(self, connect_bus: Connect, names: dict[str, str]) -> None:
         t = await connect_bus()
         sub = await t.subscribe(names["g1"], [names["route"]], lease=LEASE)

@@ -60,19 +60,20 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 import aio_pika
 from aio_pika import DeliveryMode, ExchangeType
 from aio_pika.abc import (
-    AbstractExchange,
     AbstractIncomingMessage,
     AbstractRobustChannel,
     AbstractRobustConnection,
     AbstractRobustQueue,
 )
 from aio_pika.exceptions import CONNECTION_EXCEPTIONS, ChannelInvalidStateError
-from aiormq.abc import DeliveredMessage
+from aiormq import spec
+from aiormq.abc import AbstractChannel, DeliveredMessage
 
 from ..clock import Clock, SystemClock
 from ..errors import ConfigurationError, TransportError
 from .amqp_dlq import DELIVERIES_HEADER, ROUTE_HEADER, DeadLetterRescue, count, text
 from .base import AbandonedSink, Delivery, Subscription, Transport
+from .coalesce import Coalescer, Refused
 
 if TYPE_CHECKING:
     from ..stores.records import Outgoing
@@ -90,6 +91,8 @@ _DELAY_STEPS = (10, 12, 15, 18, 20, 25, 30, 35, 40, 50, 60, 70, 80)  # each <= 1
 _MAX_DELAY_MS = 2**31 - 1  # RabbitMQ TTLs are 32-bit
 _IDLE_MS = 600_000  # a delay level queue outlives its last declaration by this much
 _tokens = itertools.count(1)
+_PERSISTENT = int(DeliveryMode.PERSISTENT)
+Properties = spec.Basic.Properties
 
 
 @dataclass(frozen=True, slots=True)
@@ -194,7 +197,7 @@ class AmqpTransport(Transport):
         self._connection: AbstractRobustConnection | None = None
         self._publisher: AbstractRobustChannel | None = None  # confirms; owns the exchanges
         self._admin: AbstractRobustChannel | None = None  # declarations: a refusal closes only it
-        self._exchanges: dict[str, AbstractExchange] = {}
+        self._publishes: Coalescer[tuple[str, bytes, int]] = Coalescer("amqp", self._publish_batch)
         self._ephemeral: set[str] = set()
         self._subscriptions: set[_AmqpSubscription] = set()
         self._rescue = DeadLetterRescue(self)
@@ -256,7 +259,6 @@ class AmqpTransport(Transport):
                 self.parked_name, durable=True, arguments={"x-queue-type": "quorum"}, robust=False
             )
             self.declared_queues.add(self.parked_name)
-            self._exchanges[""] = self._publisher.default_exchange  # parking goes by queue name
 
     def _reconnected(self, connection: AbstractRobustConnection | None, /) -> None:
         self.reconnects += 1
@@ -269,7 +271,7 @@ class AmqpTransport(Transport):
 
     async def _declare_exchange(self, name: str, kind: ExchangeType) -> None:
         assert self._publisher is not None
-        self._exchanges[name] = await self._publisher.declare_exchange(name, kind, durable=True)
+        await self._publisher.declare_exchange(name, kind, durable=True)  # re-declared on reconnect
         self.declared_exchanges.add(name)
 
     async def close(self) -> None:
@@ -282,6 +284,7 @@ class AmqpTransport(Transport):
             for sub in list(self._subscriptions):
                 await sub.close()
             await self._rescue.close()
+            self._publishes.cancel()
         finally:
             connection, self._connection = self._connection, None
             if connection is not None:
@@ -376,8 +379,9 @@ class AmqpTransport(Transport):
     async def publish(self, batch: Sequence[Outgoing]) -> None:
         """Publish persistent, mandatory messages; return once RabbitMQ confirmed them all.
 
-        A message whose ``visible_at`` lies ahead waits in a delay queue first, then
-        fans out to the groups bound to its route at that time.
+        Concurrent callers share a batch (their publishes go out back to back, the
+        confirms awaited together). A message whose ``visible_at`` lies ahead waits in a
+        delay queue first, then fans out to the groups bound to its route at that time.
 
         Raises:
             TransportError: not connected, refused, or not confirmed within
@@ -388,14 +392,20 @@ class AmqpTransport(Transport):
         for out in later:
             await self._park(out.route, out.body, {}, (out.visible_at or now) - now)
         batch = [out for out in batch if out.visible_at is None or out.visible_at <= now]
-        if not batch:
-            return
-        results = await self._publish_all(
-            self.options.exchange, [(out.route, out.body, None) for out in batch], f"publishing {len(batch)}"
-        )
-        for out, returned in zip(batch, results, strict=True):
-            if returned:
-                self._note_unroutable(out.route, out.fanout)
+        if batch:
+            self._ready()
+            await self._publishes.submit([(out.route, out.body, out.fanout) for out in batch])
+
+    async def _publish_batch(self, items: list[tuple[str, bytes, int]]) -> None:
+        exchange = self.options.exchange
+        results = await self._confirm_all(exchange, [(route, body, None) for route, body, _ in items],
+                                          f"publishing {len(items)}")
+        for (route, _, fanout), result in zip(items, results, strict=True):
+            if isinstance(result, DeliveredMessage):
+                self._note_unroutable(route, fanout)
+        failed = {i: r for i, r in enumerate(results) if isinstance(r, BaseException)}
+        if failed:  # RabbitMQ refused these (nack): fail their callers only
+            raise Refused(f"amqp: publishing to {exchange!r} failed", failed)
 
     async def publish_to_group(self, group: str, route: str, body: bytes) -> None:
         """Deliver ``body`` to ``group``'s queue only, as if it had come by ``route``.
@@ -413,23 +423,32 @@ class AmqpTransport(Transport):
         self, exchange: str, items: Sequence[tuple[str, bytes, dict[str, Any] | None]], what: str
     ) -> list[bool]:
         """Publish each (routing key, body, headers); True where RabbitMQ returned it unroutable."""
-        self._ready()
-        target = self._exchanges[exchange]
-        what = f"{what} to {exchange!r}"
-        messages = [
-            (key, aio_pika.Message(body, headers=headers, delivery_mode=DeliveryMode.PERSISTENT))
-            for key, body, headers in items
-        ]
-        async with self._talking(what):
-            # gather starts the publishes in order: one route keeps its order
-            results = await asyncio.gather(
-                *(target.publish(m, key, mandatory=True) for key, m in messages), return_exceptions=True
-            )
+        results = await self._confirm_all(exchange, items, what)
         failed = [r for r in results if isinstance(r, BaseException)]
         if failed:
-            with _translated(f"{what} ({len(failed)} of {len(items)} failed)"):
+            with _translated(f"{what} to {exchange!r} ({len(failed)} of {len(items)} failed)"):
                 raise failed[0]
         return [isinstance(r, DeliveredMessage) for r in results]
+
+    async def _confirm_all(
+        self, exchange: str, items: Sequence[tuple[str, bytes, dict[str, Any] | None]], what: str
+    ) -> list[Any]:
+        """Publish each (routing key, body, headers) persistent and mandatory; per item,
+        RabbitMQ's answer: its confirm, the message returned unroutable, or the error.
+
+        On aiormq's channel directly (aio-pika's exchange adds only a message object).
+        """
+        self._ready()
+        assert self._publisher is not None
+        async with self._talking(f"{what} to {exchange!r}"):
+            channel = await self._publisher.get_underlay_channel()
+            # gather starts the publishes in order: one route keeps its order
+            return await asyncio.gather(
+                *(channel.basic_publish(body, exchange=exchange, routing_key=key, mandatory=True,
+                                        properties=Properties(delivery_mode=_PERSISTENT, headers=headers))
+                  for key, body, headers in items),
+                return_exceptions=True,
+            )
 
     def _note_unroutable(self, route: str, fanout: int) -> None:
         # Nobody bound to the route means no subscriber: on every bus such a message
@@ -487,6 +506,42 @@ def _quorum(dead_letters_to: str, **arguments: Any) -> dict[str, Any]:
     }
 
 
+class _Tags:
+    """The delivery tags of one channel not yet acked or rejected on the wire.
+
+    RabbitMQ numbers a channel's deliveries 1, 2, 3 ...; one ``multiple`` ack settles
+    every outstanding tag up to its own. It may cover only tags we are acking: not one
+    still handled, being rejected, or delivered but not yet seen by our callback.
+    """
+
+    __slots__ = ("_early", "open", "seen")
+
+    def __init__(self) -> None:
+        self.open: set[int] = set()
+        self.seen = 0  # every tag up to this one has reached us
+        self._early: set[int] = set()  # tags seen past a gap (callbacks out of order)
+
+    def delivered(self, tag: int) -> None:
+        self.open.add(tag)
+        if tag != self.seen + 1:
+            self._early.add(tag)
+            return
+        self.seen = tag
+        while self.seen + 1 in self._early:
+            self.seen += 1
+            self._early.discard(self.seen)
+
+    def plan(self, tags: Sequence[int]) -> list[tuple[int, bool]]:
+        """The (tag, multiple) acks that settle exactly ``tags``: one ``multiple`` ack
+        for those below the first tag that must stay, one each for the rest."""
+        acking = set(tags)
+        stays = min((t for t in self.open if t not in acking), default=self.seen + 1)
+        stays = min(stays, self.seen + 1)
+        below = [t for t in acking if t < stays]
+        plan = [(max(below), len(below) > 1)] if below else []
+        return plan + [(t, False) for t in sorted(acking) if t >= stays]
+
+
 @dataclass(slots=True)
 class _Held:
     """A message handed out by ``receive``, leased until acked, nacked or expired."""
@@ -510,11 +565,16 @@ class _AmqpSubscription(Subscription):
         self._buffer: deque[AbstractIncomingMessage] = deque()
         self._arrived = asyncio.Event()
         self._held: dict[int, _Held] = {}
+        self._tags: dict[AbstractChannel, _Tags] = {}  # per channel delivering to us (one at a time)
+        self._acks: Coalescer[AbstractIncomingMessage] = Coalescer("amqp", self._ack_batch)
         self._returns: set[asyncio.Task[None]] = set()
-        self._consuming = False
+        self._consumer_tag: str | None = None
         self._closed = False
 
     async def _on_message(self, message: AbstractIncomingMessage) -> None:
+        tags = self._tags_of(message)
+        if tags is not None and message.delivery_tag is not None:
+            tags.delivered(message.delivery_tag)
         if self._closed:
             return  # unacked: closing the channel gives it back
         self._buffer.append(message)
@@ -532,8 +592,7 @@ class _AmqpSubscription(Subscription):
         prefetch = max(1, min(self.transport.options.prefetch, max_messages))
         async with self.transport._talking(f"starting to consume {self._queue.name!r}"):
             await self._channel.set_qos(prefetch_count=prefetch)  # kept by the robust channel
-            await self._queue.consume(self._on_message, no_ack=False)
-        self._consuming = True
+            self._consumer_tag = await self._queue.consume(self._on_message, no_ack=False)
         return True
 
     async def receive(self, max_messages: int, timeout: float) -> list[Delivery]:
@@ -544,7 +603,7 @@ class _AmqpSubscription(Subscription):
         """
         loop = asyncio.get_running_loop()
         give_up = loop.time() + timeout
-        if not self._consuming and not self._closed and not await self._start(max_messages, timeout):
+        if self._consumer_tag is None and not self._closed and not await self._start(max_messages, timeout):
             return []
         while not self._closed:
             if out := self._take(max_messages):
@@ -604,6 +663,7 @@ class _AmqpSubscription(Subscription):
             if _channel_open(message):
                 async with self.transport._talking(f"{what} on {self._queue.name!r}"):
                     await action()
+                self._settled(message)
                 return
         except TransportError as exc:
             if _channel_open(message) and not isinstance(exc.__cause__, ChannelInvalidStateError):
@@ -612,12 +672,54 @@ class _AmqpSubscription(Subscription):
         # RabbitMQ has put the message back already (the inbox drops the copy).
         log.debug("%s: %s after its channel closed; it will be redelivered", self.group, what)
 
+    def _tags_of(self, message: AbstractIncomingMessage) -> _Tags | None:
+        """The tags of the channel that delivered ``message`` (None: that channel closed)."""
+        try:
+            channel = message.channel
+        except ChannelInvalidStateError:
+            return None
+        tags = self._tags.get(channel)
+        if tags is None:
+            for gone in [c for c in self._tags if c.is_closed]:  # a reconnect replaced it
+                del self._tags[gone]
+            tags = self._tags[channel] = _Tags()
+        return tags
+
+    def _settled(self, message: AbstractIncomingMessage) -> None:
+        tags = self._tags_of(message)
+        if tags is not None:
+            tags.open.discard(message.delivery_tag or 0)
+
     async def ack(self, deliveries: Sequence[Delivery]) -> None:
-        """Acknowledge; a delivery whose lease already expired is left alone (it was given back)."""
-        for d in deliveries:
-            held = self._release(d)
-            if held is not None:
-                await self._settle(held.message, held.message.ack, "acking")
+        """Acknowledge; a delivery whose lease already expired is left alone (it was given back).
+
+        Concurrent callers share a batch, acked with as few ``multiple`` acks as the
+        deliveries still handled allow.
+        """
+        messages = [held.message for d in deliveries if (held := self._release(d)) is not None]
+        if messages:
+            await self._acks.submit(messages)
+
+    async def _ack_batch(self, messages: list[AbstractIncomingMessage]) -> None:
+        by_channel: dict[AbstractChannel, list[int]] = {}
+        for message in messages:
+            if _channel_open(message) and message.delivery_tag is not None:
+                by_channel.setdefault(message.channel, []).append(message.delivery_tag)
+            # else: its channel is gone, and with it the delivery (redelivered; the inbox drops it)
+        for channel, acking in by_channel.items():
+            tags = self._tags.setdefault(channel, _Tags())
+            try:
+                async with self.transport._talking(f"acking {len(acking)} on {self._queue.name!r}"):
+                    await asyncio.gather(*(channel.basic_ack(tag, multiple=multiple)
+                                           for tag, multiple in tags.plan(acking)))
+            except TransportError as exc:
+                if not channel.is_closed and not isinstance(exc.__cause__, ChannelInvalidStateError):
+                    raise
+                log.debug("%s: acking after the channel closed; redelivered instead", self.group)
+            finally:
+                # Whether or not the acks got out, a later multiple ack may cover these:
+                # acking them is what was meant.
+                tags.open.difference_update(acking)
 
     async def nack(self, delivery: Delivery, delay: float) -> None:
         """Give the message back now, or after ``delay`` through a delay queue.
@@ -659,8 +761,15 @@ class _AmqpSubscription(Subscription):
             held.timer.cancel()
         self._held.clear()
         self._buffer.clear()
+        self._acks.cancel()
         if self._returns:
             await asyncio.gather(*self._returns, return_exceptions=True)
+        if self._consumer_tag is not None and self.transport.connected:
+            # A round trip before the close: a quorum queue drops the settlements a
+            # channel had not passed on yet when it closes (acked, yet redelivered).
+            with suppress(TransportError):  # closing gives everything back all the same
+                async with self.transport._talking(f"cancelling the consumer of {self._queue.name!r}"):
+                    await self._queue.cancel(self._consumer_tag)
         async with self.transport._talking(f"closing the consumer of {self._queue.name!r}"):
             await self._channel.close()
 
