@@ -20,7 +20,15 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from .clock import Clock, SystemClock
 from .commands import reply_result
 from .dispatch import Consumer, record_abandoned
-from .errors import ConfigurationError, MessageTooLarge, NotFound, StepTimeout, StoreError, TransportError
+from .errors import (
+    ConfigurationError,
+    MessageDecodeError,
+    MessageTooLarge,
+    NotFound,
+    StepTimeout,
+    StoreError,
+    TransportError,
+)
 from .message import Message, new_id
 from .outbox import OutboxRelay
 from .payloads import to_json
@@ -35,7 +43,7 @@ from .tracing.flows import Flow, FlowSummary
 from .tracing.hooks import Instrumentation, Observer
 from .tracing.stuck import FlowStuck, announce_stuck
 from .transports import open_transport
-from .transports.base import Transport, reply_route
+from .transports.base import Transport, reply_route, route_of
 from .workflow.engine import Engine
 from .workflow.handle import WorkflowHandle
 
@@ -480,14 +488,27 @@ class Runtime:
         return await self.store.dlq_list(limit, group=service)
 
     async def replay(self, ids: Sequence[int]) -> list[DeadLetterRecord]:
-        """Send dead letters back to the service that failed them, keeping their ids."""
+        """Send dead letters back to the service that failed them, keeping their ids.
+
+        A dead letter of no service (a broker gave up on it in a queue of none) is
+        published again by its route, to every service bound to it: those that handled
+        it already answer from their inbox.
+
+        Raises:
+            TransportError: the bus refused; this and the later ones stay dead letters.
+            NotFound: a dead letter of no service is not a message, or has no route;
+                it and the later ones stay (drop it instead).
+        """
         requeue = self.transport.store_bound
         taken = await self.store.dlq_replay(ids, self.clock.now(), requeue=requeue)
         if not requeue:
             for i, d in enumerate(taken):
                 try:
-                    await self.transport.publish_to_group(d.group, d.route, d.body)
-                except TransportError:
+                    if d.group:
+                        await self.transport.publish_to_group(d.group, d.route, d.body)
+                    else:
+                        await self.transport.publish([_by_route(d)])
+                except (TransportError, NotFound):
                     await self.store.dlq_restore(taken[i:], self.clock.now())
                     raise
         return taken
@@ -495,6 +516,16 @@ class Runtime:
     async def drop(self, ids: Sequence[int]) -> int:
         """Delete dead letters for good."""
         return await self.store.dlq_drop(ids)
+
+
+def _by_route(d: DeadLetterRecord) -> Outgoing:
+    """A dead letter of no service, to publish again as it first was."""
+    try:
+        message = Message.decode(d.body)
+        return Outgoing(message=message, route=d.route or route_of(message), body=d.body, fanout=1)
+    except (MessageDecodeError, ValueError) as exc:
+        raise NotFound(f"dead letter {d.id} died in no service's queue and cannot be sent again by its "
+                       f"route ({exc}); drop it instead") from None
 
 
 async def _poll(probe: Callable[[], Awaitable[T | None]], timeout: float, describe: Callable[[], str]) -> T:

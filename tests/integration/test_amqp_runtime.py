@@ -8,6 +8,7 @@ broker, on an exchange of its own (the ``bus`` fixture's, deleted afterwards).
 from __future__ import annotations
 
 import asyncio
+import uuid
 from collections import Counter
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -15,7 +16,7 @@ from urllib.parse import urlencode, urlsplit, urlunsplit
 
 import pytest
 
-from interplay import App, WorkflowContext, WorkflowFailed
+from interplay import App, NotFound, WorkflowContext, WorkflowFailed
 from interplay.message import Message
 from interplay.testing import wait_until
 from interplay.transports.amqp import AmqpTransport
@@ -216,6 +217,41 @@ async def test_a_dead_letter_that_cannot_go_back_is_dead_lettered_into_the_store
     assert (got[b"not an envelope"].type, got[b"not an envelope"].group) == ("(invalid)", "gone")
     assert "'gone' has no queue" in (got[b"not an envelope"].error or "")
     assert calls == Counter()  # recorded, never handled
+
+
+async def test_a_dead_letter_of_no_service_is_replayed_by_its_route(bus: Bus) -> None:
+    # It died in a queue of no service: there is no group to hand it back to, so a replay
+    # publishes it again as it was first published - handled where it was not yet, and
+    # counted in no flow; what is not a message stays.
+    calls: Counter[str] = Counter()
+
+    def order(n: int, **fields: str) -> Message:
+        return Message(type="order.created", payload={"id": n, "amount": 1.0}, kind="event", source="t", **fields)
+
+    async with bus.run(order_app(calls)) as rt:
+        transport = rt.transport
+        assert isinstance(transport, AmqpTransport)
+        exchange = transport.options.exchange
+        handled = order(1, id="handled-" + uuid.uuid4().hex)
+        flow_id = await rt.publish("order.created", handled.payload, id=handled.id)  # its flow counts it
+        await rt.wait_flow(flow_id, timeout=20)
+        lost = order(2)  # only ever in the dead-letter queue
+        await dead_letter(exchange, order(1, id=handled.id, flow_id=flow_id).encode(), {})
+        await dead_letter(exchange, lost.encode(), {})
+        await dead_letter(exchange, b"not an envelope", {})
+        await wait_until(lambda: dead_letters(rt, 3), timeout=20, message="three dead letters in the store")
+        by_msg = {d.msg_id: d for d in await rt.dlq() if d.type != "(invalid)"}
+        assert {d.group for d in by_msg.values()} == {""}
+        replayed = await rt.replay([by_msg[handled.id].id, by_msg[lost.id].id])
+        assert {d.msg_id for d in replayed} == {handled.id, lost.id}
+        await wait_until(lambda: calls["notification"] == 2, timeout=20, message="the lost order's flow to the end")
+        (junk,) = await rt.dlq()
+        with pytest.raises(NotFound, match="drop it instead"):
+            await rt.replay([junk.id])
+        assert [d.body for d in await rt.dlq()] == [b"not an envelope"]
+        flow = await rt.trace(flow_id)
+        assert (flow.status, flow.pending, flow.dead) == ("completed", 0, 0)
+    assert calls == Counter({"payments": 2, "shipping": 2, "notification": 2})  # order 1 once, order 2 once
 
 
 def envelope_body(dead: dict[bytes, Any], n: int) -> bytes:

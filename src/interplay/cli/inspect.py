@@ -163,7 +163,7 @@ def dlq_replay(
                 chosen = [d.id for d in await rt.dlq(1_000_000)]
             taken = await rt.replay(chosen)
         for d in taken:
-            console.print(f"replayed {d.id}: {d.type} -> {d.group} (message {d.msg_id})")
+            console.print(f"replayed {d.id}: {d.type} -> {d.group or 'its route'} (message {d.msg_id})")
         missing = set(chosen) - {d.id for d in taken}
         if missing:
             raise fail(f"no dead letter with id(s) {sorted(missing)}")

@@ -448,7 +448,8 @@ def dlq_replay(tx: Tx, ids: Sequence[int], now: float, requeue: bool) -> list[De
                 (d.group, d.msg_id, d.flow_id or d.msg_id, d.body, now, d.route),
             )
             tx.routes.add("@" + d.group)
-        changes.add(d.flow_id, pending=1, dead=-1)
+        if d.group:  # one of no service was counted in no flow (see dispatch.record_abandoned)
+            changes.add(d.flow_id, pending=1, dead=-1)
     changes.apply(tx, now)
     return taken
 
@@ -458,7 +459,8 @@ def dlq_restore(tx: Tx, records: Sequence[DeadLetterRecord], now: float) -> None
     changes = FlowChanges()
     for d in records:
         _insert_dead(tx, d, now)
-        changes.add(d.flow_id, pending=-1, dead=1)
+        if d.group:
+            changes.add(d.flow_id, pending=-1, dead=1)
     changes.apply(tx, now)
 
 
