@@ -246,6 +246,25 @@ class TestAmqpTransport(TransportContract):
         assert await other.receive(10, 1.0) == []  # every one of them acked
         await other.close()
 
+    async def test_closing_lets_the_acks_and_publishes_under_way_finish(
+        self, connect_bus: Connect, names: dict[str, str]
+    ) -> None:
+        t = await connect_bus()
+        sub = await t.subscribe(names["g1"], [names["route"]], lease=10)
+        await t.publish([outgoing(names["route"], n) for n in range(20)])
+        got = await drain(sub, 20, ack=False)
+        acking = [asyncio.ensure_future(sub.ack([d])) for d in got]
+        await asyncio.sleep(0)  # their batch is under way
+        await asyncio.wait_for(sub.close(), 10)
+        assert await asyncio.gather(*acking) == [None] * 20
+        publishing = [asyncio.ensure_future(t.publish([outgoing(names["route"], n)])) for n in range(20, 30)]
+        await asyncio.sleep(0)
+        await asyncio.wait_for(t.close(), 10)
+        assert await asyncio.wait_for(asyncio.gather(*publishing), 1) == [None] * 10
+        other = await (await connect_bus()).subscribe(names["g1"], [names["route"]], lease=10)
+        assert sorted(numbers(await drain(other, 11, timeout=3))) == list(range(20, 30))  # no acked one again
+        await other.close()
+
     async def test_a_publish_rabbitmq_refuses_fails_only_its_caller(
         self, connect_bus: Connect, names: dict[str, str]
     ) -> None:

@@ -284,7 +284,7 @@ class AmqpTransport(Transport):
             for sub in list(self._subscriptions):
                 await sub.close()
             await self._rescue.close()
-            self._publishes.cancel()
+            await self._publishes.drain(self.options.timeout)  # publishes under way are confirmed
         finally:
             connection, self._connection = self._connection, None
             if connection is not None:
@@ -380,12 +380,14 @@ class AmqpTransport(Transport):
         """Publish persistent, mandatory messages; return once RabbitMQ confirmed them all.
 
         Concurrent callers share a batch (their publishes go out back to back, the
-        confirms awaited together). A message whose ``visible_at`` lies ahead waits in a
-        delay queue first, then fans out to the groups bound to its route at that time.
+        confirms awaited together; a caller arriving meanwhile waits for the next). A
+        message whose ``visible_at`` lies ahead waits in a delay queue first, then fans
+        out to the groups bound to its route at that time.
 
         Raises:
-            TransportError: not connected, refused, or not confirmed within
-                ``timeout`` (ambiguous: retry with the same message ids).
+            TransportError: not connected, refused, or a batch not confirmed within
+                ``timeout`` (ambiguous for every caller in it: retry with the same
+                message ids).
         """
         now = self._clock.now()
         later = [out for out in batch if out.visible_at is not None and out.visible_at > now]
@@ -706,7 +708,8 @@ class _AmqpSubscription(Subscription):
             if _channel_open(message) and message.delivery_tag is not None:
                 by_channel.setdefault(message.channel, []).append(message.delivery_tag)
             # else: its channel is gone, and with it the delivery (redelivered; the inbox drops it)
-        for channel, acking in by_channel.items():
+        failed: TransportError | None = None
+        for channel, acking in by_channel.items():  # one channel but around a reconnect
             tags = self._tags.setdefault(channel, _Tags())
             try:
                 async with self.transport._talking(f"acking {len(acking)} on {self._queue.name!r}"):
@@ -714,12 +717,15 @@ class _AmqpSubscription(Subscription):
                                            for tag, multiple in tags.plan(acking)))
             except TransportError as exc:
                 if not channel.is_closed and not isinstance(exc.__cause__, ChannelInvalidStateError):
-                    raise
-                log.debug("%s: acking after the channel closed; redelivered instead", self.group)
+                    failed = exc
+                else:
+                    log.debug("%s: acking after the channel closed; redelivered instead", self.group)
             finally:
                 # Whether or not the acks got out, a later multiple ack may cover these:
                 # acking them is what was meant.
                 tags.open.difference_update(acking)
+        if failed is not None:
+            raise failed
 
     async def nack(self, delivery: Delivery, delay: float) -> None:
         """Give the message back now, or after ``delay`` through a delay queue.
@@ -761,7 +767,7 @@ class _AmqpSubscription(Subscription):
             held.timer.cancel()
         self._held.clear()
         self._buffer.clear()
-        self._acks.cancel()
+        await self._acks.drain(self.transport.options.timeout)  # acks under way go out first
         if self._returns:
             await asyncio.gather(*self._returns, return_exceptions=True)
         if self._consumer_tag is not None and self.transport.connected:

@@ -84,13 +84,25 @@ class Coalescer(Generic[T]):
                         if not future.done():
                             future.set_result(None)
         finally:
-            self._task = None
-            for _, future in batch + self._queue:  # only pending when cancelled (transport closed)
+            if self._task is asyncio.current_task():
+                self._task = None
+            for _, future in batch:  # only pending when cancelled (transport closed)
                 if not future.done():
                     future.set_exception(TransportError(f"{self._name}: the transport was closed"))
-            self._queue = []
+
+    async def drain(self, timeout: float) -> None:
+        """Let the round trips under way and queued finish (closing), at most ``timeout``
+        seconds; then :meth:`cancel` what is left."""
+        if self._task is not None:
+            await asyncio.wait({self._task}, timeout=timeout)
+        self.cancel()
 
     def cancel(self) -> None:
         """Stop the round trip under way; its callers and those waiting fail (closing)."""
-        if self._task is not None:
-            self._task.cancel()
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()  # its finally fails the batch it holds (if it ever started)
+        queued, self._queue = self._queue, []
+        for _, future in queued:  # a task cancelled before its first step runs no finally
+            if not future.done():
+                future.set_exception(TransportError(f"{self._name}: the transport was closed"))

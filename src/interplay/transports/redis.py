@@ -247,6 +247,7 @@ return out
 """
 
 _PUBLISH_CHUNK = 500  # messages per publish script call: bounds the request and how long Redis runs it
+_CLOSE_DRAIN = 5.0  # seconds a close waits for the acks and publishes under way (then fails them)
 _MAX_BLOCK = 1.0  # seconds one XREAD may block: below socket_timeout, and keeps sweeps on time
 _IDLE_CONSUMER_MS = 3_600_000
 
@@ -383,8 +384,8 @@ class RedisTransport(Transport):
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
-        self._acks.cancel()
-        self._publishes.cancel()
+        await self._acks.drain(_CLOSE_DRAIN)  # what is under way goes out first
+        await self._publishes.drain(_CLOSE_DRAIN)
         if self._redis is not None:
             redis, self._redis = self._redis, None
             with _translated("close"):
