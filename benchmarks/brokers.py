@@ -12,6 +12,7 @@ notification handled):
   an ``interplay run benchmarks.bench_app:choreography --service S`` process of its own
   on the same store file (the notification service stays with the client, which
   measures): the one-machine deployment, using both cores; ``cpu ms`` adds theirs;
+* ``interplay amqp:// apart``: the same on RabbitMQ (its target: within 2x of Redis apart);
 * ``faststream redis``: FastStream's ``RedisBroker``, one ``StreamSub`` consumer group
   per service, the handler's return value published by ``@broker.publisher`` to the
   next stream, ack after the handler (FastStream's defaults otherwise: one message at
@@ -39,6 +40,7 @@ Orchestration - a workflow of three ``ctx.call`` commands to three services,
 * ``interplay redis://`` / ``amqp://`` / ``nats://`` / ``sqlite bus`` as above;
 * ``interplay redis:// apart``: stock, payments and shipping each in an
   ``interplay run`` process of its own, the workflows with the client;
+* ``interplay amqp:// apart``: the same on RabbitMQ;
 * ``celery redis``: a chain of three tasks on a Redis broker; a worker subprocess
   (prefork, ``--celery-concurrency`` children); the last task pushes the order id to a
   Redis list that the client pops (no result backend: the cheapest way to learn a
@@ -92,11 +94,12 @@ BUSES = {"redis://": "redis", "amqp://": "amqp", "nats://": "nats", "sqlite bus"
 
 APART = "interplay redis:// apart"
 """The services in processes of their own (``interplay run``) on the same store file."""
-CHOREOGRAPHY = [f"choreography: interplay {b}" for b in BUSES] + [
-    f"choreography: {APART}", "choreography: faststream redis", "choreography: redis-py loop",
+APARTS = {APART: "redis", "interplay amqp:// apart": "amqp"}
+CHOREOGRAPHY = [f"choreography: interplay {b}" for b in BUSES] + [f"choreography: {a}" for a in APARTS] + [
+    "choreography: faststream redis", "choreography: redis-py loop",
     "choreography: redis-py batched", "choreography: aio-pika batched"]
-ORCHESTRATION = [f"orchestration: interplay {b}" for b in BUSES] + [f"orchestration: {APART}",
-                                                                    "orchestration: celery redis"]
+ORCHESTRATION = [f"orchestration: interplay {b}" for b in BUSES] + [f"orchestration: {a}" for a in APARTS] + [
+    "orchestration: celery redis"]
 VARIANTS = CHOREOGRAPHY + ORCHESTRATION
 CHOREOGRAPHY_PEER = "choreography: faststream redis"
 ORCHESTRATION_PEER = "orchestration: celery redis"
@@ -196,6 +199,8 @@ class Bus:
         self.kind = kind
         self.uid = uuid.uuid4().hex[:10]
         self.transports: list[Any] = []
+        self.groups: set[str] = set()
+        """Groups only other processes declared (their queues are deleted too)."""
 
     @property
     def url(self) -> str | None:
@@ -216,6 +221,8 @@ class Bus:
             connection = await aio_pika.connect(AMQP)
             try:
                 channel = await connection.channel()
+                for group in sorted(self.groups):
+                    await channel.queue_delete(f"ipbench-{self.uid}.{group}")
                 for t in self.transports:
                     for name in sorted(t.declared_queues):
                         await channel.queue_delete(name)
@@ -263,6 +270,7 @@ async def interplay_choreography(kind: str, store: str, n: int, concurrency: int
     try:
         async with contextlib.AsyncExitStack() as stack:
             others = ["payments", "shipping"] if apart else []
+            bus.groups.update(others)
             helpers = await stack.enter_async_context(hosted_apart("choreography", others, store, bus.url))
             rt = await stack.enter_async_context(bench_app.choreography.run(
                 store=store, bus=bus.url, services=["notification"] if apart else None))
@@ -342,6 +350,7 @@ async def interplay_orchestration(kind: str, store: str, runs: int, inflight: in
     try:
         async with contextlib.AsyncExitStack() as stack:
             others = ["stock", "payments", "shipping"] if apart else []
+            bus.groups.update(others)
             helpers = await stack.enter_async_context(hosted_apart("app", others, store, bus.url))
             rt = await stack.enter_async_context(app.run(store=store, bus=bus.url, services=[] if apart else None))
             bus.transports.append(rt.transport)
@@ -730,8 +739,8 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
     kind, _, name = variant.partition(": ")
     server = "amqp" if name.startswith("aio-pika") else next((s for s in SERVERS if s in name), None)
     if name.startswith("interplay "):
-        apart = name == APART
-        bus = "redis" if apart else BUSES[name.removeprefix("interplay ")]
+        apart = name in APARTS
+        bus = APARTS[name] if apart else BUSES[name.removeprefix("interplay ")]
         with tempfile.TemporaryDirectory() as tmp:
             store = store_url(Path(tmp), args.synchronous)
             if kind == "choreography":
@@ -810,8 +819,9 @@ def report(results: dict[str, dict[str, Any] | str], args: argparse.Namespace) -
             continue
         print(f"{section[0].partition(':')[0]} ({unit})")
         base = rate(peer)
-        redis_rate = rate(section[0])
+        kind = section[0].partition(":")[0]
         for variant in section:
+            redis_rate = rate(f"{kind}: {APART}" if variant.endswith(" apart") else section[0])
             if variant not in results:
                 continue
             r = results[variant]

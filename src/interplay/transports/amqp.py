@@ -49,15 +49,17 @@ import logging
 import math
 import os
 import socket
+import uuid
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from contextlib import asynccontextmanager, contextmanager, suppress
 from dataclasses import dataclass, fields
 from functools import partial
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeGuard
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import aio_pika
+import aiormq
 from aio_pika import DeliveryMode, ExchangeType
 from aio_pika.abc import (
     AbstractIncomingMessage,
@@ -67,7 +69,8 @@ from aio_pika.abc import (
 )
 from aio_pika.exceptions import CONNECTION_EXCEPTIONS, ChannelInvalidStateError
 from aiormq import spec
-from aiormq.abc import AbstractChannel, DeliveredMessage
+from aiormq.abc import AbstractChannel, ChannelFrame, DeliveredMessage
+from pamqp.header import ContentHeader
 
 from ..clock import Clock, SystemClock
 from ..errors import ConfigurationError, TransportError
@@ -438,19 +441,21 @@ class AmqpTransport(Transport):
         """Publish each (routing key, body, headers) persistent and mandatory; per item,
         RabbitMQ's answer: its confirm, the message returned unroutable, or the error.
 
-        On aiormq's channel directly (aio-pika's exchange adds only a message object).
+        The batch goes out as one write (:func:`_publish_frames`): RabbitMQ then takes
+        it in as a batch too (a third of the server CPU per message, measured).
         """
         self._ready()
         assert self._publisher is not None
         async with self._talking(f"{what} to {exchange!r}"):
             channel = await self._publisher.get_underlay_channel()
-            # gather starts the publishes in order: one route keeps its order
-            return await asyncio.gather(
-                *(channel.basic_publish(body, exchange=exchange, routing_key=key, mandatory=True,
-                                        properties=Properties(delivery_mode=_PERSISTENT, headers=headers))
-                  for key, body, headers in items),
-                return_exceptions=True,
-            )
+            confirms: Sequence[Awaitable[Any]]
+            if _frames_batched(channel):
+                confirms = await _publish_frames(channel, exchange, items)
+            else:  # gather starts the publishes in order: one route keeps its order
+                confirms = [channel.basic_publish(body, exchange=exchange, routing_key=key, mandatory=True,
+                                                  properties=Properties(delivery_mode=_PERSISTENT, headers=headers))
+                            for key, body, headers in items]
+            return await asyncio.gather(*confirms, return_exceptions=True)
 
     def _note_unroutable(self, route: str, fanout: int) -> None:
         # Nobody bound to the route means no subscriber: on every bus such a message
@@ -497,6 +502,57 @@ class AmqpTransport(Transport):
             )
         self.declared_queues.add(name)
         self._levels[level] = loop.time()
+
+
+def _frames_batched(channel: Any) -> TypeGuard[aiormq.Channel]:
+    """Whether ``channel`` has what :func:`_publish_frames` uses (aiormq 7.2 does)."""
+    return isinstance(channel, aiormq.Channel) and bool(channel.publisher_confirms) and all(
+        hasattr(channel, name) for name in ("confirmations", "message_id_delivery_tag", "write_queue", "_split_body"))
+
+
+async def _publish_frames(
+    channel: aiormq.Channel, exchange: str, items: Sequence[tuple[str, bytes, dict[str, Any] | None]]
+) -> list[asyncio.Future[Any]]:
+    """Write persistent, mandatory publishes as one frame batch; their confirmations.
+
+    What aiormq's ``basic_publish`` does for one message, for many under one hold of
+    the channel lock and in one write: a delivery tag and confirmation future each
+    (resolved by aiormq as RabbitMQ confirms, returns or nacks them, or failed when the
+    channel closes), a message id each to match a returned message to its future.
+    """
+    confirmations: list[asyncio.Future[Any]] = []
+    async with channel.lock:
+        first = channel.delivery_tag
+        frames: list[Any] = []
+        try:
+            for key, body, headers in items:
+                channel.delivery_tag += 1
+                tag, message_id = channel.delivery_tag, uuid.uuid4().hex
+                confirmation = channel.create_future()
+                channel.confirmations[tag] = confirmation
+                channel.message_id_delivery_tag[message_id] = tag
+                confirmation.add_done_callback(partial(_forget_message_id, channel, message_id, tag))
+                confirmations.append(confirmation)
+                frames += (
+                    spec.Basic.Publish(exchange=exchange, routing_key=key, mandatory=True),
+                    ContentHeader(properties=Properties(delivery_mode=_PERSISTENT, headers=headers,
+                                                        message_id=message_id), body_size=len(body)),
+                    *channel._split_body(body),
+                )
+            await channel.write_queue.put(ChannelFrame.marshall(channel_number=channel.number, frames=frames))
+        except BaseException:  # not written (cancelled while the write queue was full): take it all back
+            channel.delivery_tag = first
+            for tag in range(first + 1, first + 1 + len(confirmations)):
+                channel.confirmations.pop(tag, None)
+            for confirmation in confirmations:
+                confirmation.cancel()
+            raise
+    return confirmations
+
+
+def _forget_message_id(channel: aiormq.Channel, message_id: str, tag: int, _: asyncio.Future[Any]) -> None:
+    if channel.message_id_delivery_tag.get(message_id) == tag:
+        del channel.message_id_delivery_tag[message_id]
 
 
 def _quorum(dead_letters_to: str, **arguments: Any) -> dict[str, Any]:
