@@ -504,10 +504,15 @@ class AmqpTransport(Transport):
         self._levels[level] = loop.time()
 
 
+def _writes_frames(channel: Any) -> TypeGuard[aiormq.Channel]:
+    """Whether frames can be written to ``channel``'s connection as one batch (aiormq 7.2)."""
+    return isinstance(channel, aiormq.Channel) and hasattr(channel, "write_queue")
+
+
 def _frames_batched(channel: Any) -> TypeGuard[aiormq.Channel]:
     """Whether ``channel`` has what :func:`_publish_frames` uses (aiormq 7.2 does)."""
-    return isinstance(channel, aiormq.Channel) and bool(channel.publisher_confirms) and all(
-        hasattr(channel, name) for name in ("confirmations", "message_id_delivery_tag", "write_queue", "_split_body"))
+    return _writes_frames(channel) and bool(channel.publisher_confirms) and all(
+        hasattr(channel, name) for name in ("confirmations", "message_id_delivery_tag", "_split_body"))
 
 
 async def _publish_frames(
@@ -769,8 +774,15 @@ class _AmqpSubscription(Subscription):
             tags = self._tags.setdefault(channel, _Tags())
             try:
                 async with self.transport._talking(f"acking {len(acking)} on {self._queue.name!r}"):
-                    await asyncio.gather(*(channel.basic_ack(tag, multiple=multiple)
-                                           for tag, multiple in tags.plan(acking)))
+                    plan = tags.plan(acking)
+                    if _writes_frames(channel) and not channel.is_closed:  # one write, as for publishes
+                        written = channel.create_future()
+                        acks = [spec.Basic.Ack(delivery_tag=tag, multiple=multiple) for tag, multiple in plan]
+                        await channel.write_queue.put(
+                            ChannelFrame.marshall(channel_number=channel.number, frames=acks, drain_future=written))
+                        await written
+                    else:
+                        await asyncio.gather(*(channel.basic_ack(tag, multiple=multiple) for tag, multiple in plan))
             except TransportError as exc:
                 if not channel.is_closed and not isinstance(exc.__cause__, ChannelInvalidStateError):
                     failed = exc
