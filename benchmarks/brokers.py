@@ -30,9 +30,10 @@ notification handled):
   consumer callback only buffers, and what is buffered is handled as one batch: its
   publishes to the next hop gathered, each awaiting its confirm, then one ``multiple``
   ack of its last delivery tag once the batches before it are acked (two batches in
-  flight, the next one gathering meanwhile). Durable on the broker, a ceiling for the
-  client: no store, no inbox or outbox, no tracing, no retries or dead-lettering, no
-  reconnects (a plain connection, not a robust one).
+  flight, the next one gathering meanwhile). Durable on the broker, with nothing around
+  it: no store, no inbox or outbox, no tracing, no retries or dead-lettering, no
+  reconnects (a plain connection, not a robust one); each publish its own write (aio-pika's
+  API), where interplay writes a batch of them at once.
 
 Orchestration - a workflow of three ``ctx.call`` commands to three services,
 ``--inflight`` runs at once; runs/s and p50/p99 (start -> result):
