@@ -7,6 +7,7 @@ own; everything the test's transports declared is deleted afterwards.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 import uuid
@@ -332,6 +333,55 @@ class TestAmqpTransport(TransportContract):
             await sub.close()
         finally:
             await t.close()
+
+    async def test_an_ack_while_rabbitmq_closes_the_channel_leaves_the_connection_up(
+        self, connect_bus: Connect, names: dict[str, str]
+    ) -> None:
+        # A frame written on a channel after its Channel.Close would make RabbitMQ close
+        # the whole connection (504): every channel, every confirm in flight.
+        t = await connect_bus()
+        sub = await t.subscribe(names["g1"], [names["route"]], lease=30)
+        await t.publish([outgoing(names["route"], n) for n in range(3)])
+        got = await drain(sub, 3, ack=False)
+        channel = await sub._channel.get_underlay_channel()  # type: ignore[attr-defined]
+        on_close, acked = channel._on_close_frame, asyncio.Event()
+
+        async def ack_right_after(frame: Any) -> None:
+            try:
+                await on_close(frame)
+            finally:
+                async def ack() -> None:
+                    with contextlib.suppress(TransportError):
+                        await sub.ack([got[1]])
+                    acked.set()
+
+                asyncio.get_running_loop().create_task(ack())
+
+        channel._on_close_frame = ack_right_after
+        await channel.basic_ack(987654)  # an unknown delivery tag: RabbitMQ closes the channel (406)
+        await asyncio.wait_for(acked.wait(), 5)
+        await asyncio.sleep(0.5)  # a 504 would take the connection down by now
+        assert t.reconnects == 0  # type: ignore[attr-defined]
+        await asyncio.wait_for(t.publish([outgoing(names["route"], 9)]), 5)
+        await sub.close()
+
+    async def test_a_message_that_cannot_be_encoded_fails_only_its_caller(
+        self, connect_bus: Connect, names: dict[str, str]
+    ) -> None:
+        t = await connect_bus()
+        sub = await t.subscribe(names["g1"], [names["route"]], lease=10)
+        results = await asyncio.gather(
+            t.publish([outgoing(names["route"], 1)]),
+            t.publish([outgoing("reply." + "x" * 300, 2)]),  # a reply_to a sender made too long
+            t.publish([outgoing(names["route"], 3)]),
+            return_exceptions=True,
+        )
+        assert results[0] is None
+        assert results[2] is None
+        assert isinstance(results[1], TransportError)
+        assert "255 bytes" in str(results[1])
+        assert sorted(numbers(await drain(sub, 2))) == [1, 3]
+        await sub.close()
 
     async def test_a_publish_rabbitmq_refuses_fails_only_its_caller(
         self, connect_bus: Connect, names: dict[str, str]

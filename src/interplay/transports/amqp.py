@@ -506,15 +506,10 @@ class AmqpTransport(Transport):
         self._levels[level] = loop.time()
 
 
-def _writes_frames(channel: Any) -> TypeGuard[aiormq.Channel]:
-    """Whether frames can be written to ``channel``'s connection as one batch (aiormq 7.2)."""
-    return isinstance(channel, aiormq.Channel) and hasattr(channel, "write_queue")
-
-
 def _frames_batched(channel: Any) -> TypeGuard[aiormq.Channel]:
     """Whether ``channel`` has what :func:`_publish_frames` uses (aiormq 7.2 does)."""
-    return _writes_frames(channel) and bool(channel.publisher_confirms) and all(
-        hasattr(channel, name) for name in ("confirmations", "message_id_delivery_tag", "_split_body"))
+    return isinstance(channel, aiormq.Channel) and bool(channel.publisher_confirms) and all(
+        hasattr(channel, name) for name in ("confirmations", "message_id_delivery_tag", "_split_body", "write_queue"))
 
 
 async def _publish_frames(
@@ -525,35 +520,51 @@ async def _publish_frames(
     What aiormq's ``basic_publish`` does for one message, for many under one hold of
     the channel lock and in one write: a delivery tag and confirmation future each
     (resolved by aiormq as RabbitMQ confirms, returns or nacks them, or failed when the
-    channel closes), a message id each to match a returned message to its future.
+    channel closes), a message id each to match a returned message to its future. An
+    item that cannot be encoded (a routing key over 255 bytes, a header value AMQP has
+    no type for) fails alone, never sent. Returns once the write is drained to the
+    socket (back-pressure, as ``basic_publish`` waits); until it is queued, a
+    cancellation takes everything back.
     """
     confirmations: list[asyncio.Future[Any]] = []
+    registered: list[int] = []
+    written = channel.create_future()
     async with channel.lock:
         first = channel.delivery_tag
-        frames: list[Any] = []
+        payloads: list[bytes] = []
         try:
             for key, body, headers in items:
-                channel.delivery_tag += 1
-                tag, message_id = channel.delivery_tag, f"{_PUBLISHER_ID}{next(_message_ids)}"
                 confirmation = channel.create_future()
+                confirmations.append(confirmation)
+                message_id = f"{_PUBLISHER_ID}{next(_message_ids)}"
+                try:
+                    if len(key.encode()) > 255:
+                        raise ValueError(f"routing key {key[:40]!r}... is over 255 bytes")
+                    header = ContentHeader(body_size=len(body), properties=Properties(
+                        delivery_mode=_PERSISTENT, headers=headers, message_id=message_id))
+                    publish = spec.Basic.Publish(exchange=exchange, routing_key=key, mandatory=True)
+                    frames: list[Any] = [publish, header, *channel._split_body(body)]
+                    payloads.append(ChannelFrame.marshall(channel_number=channel.number, frames=frames).payload)
+                except Exception as exc:  # this message only: it takes no delivery tag
+                    confirmation.set_exception(exc)
+                    continue
+                channel.delivery_tag += 1
+                tag = channel.delivery_tag
                 channel.confirmations[tag] = confirmation
                 channel.message_id_delivery_tag[message_id] = tag
                 confirmation.add_done_callback(partial(_forget_message_id, channel, message_id, tag))
-                confirmations.append(confirmation)
-                frames += (
-                    spec.Basic.Publish(exchange=exchange, routing_key=key, mandatory=True),
-                    ContentHeader(properties=Properties(delivery_mode=_PERSISTENT, headers=headers,
-                                                        message_id=message_id), body_size=len(body)),
-                    *channel._split_body(body),
-                )
-            await channel.write_queue.put(ChannelFrame.marshall(channel_number=channel.number, frames=frames))
-        except BaseException:  # not written (cancelled while the write queue was full): take it all back
+                registered.append(tag)
+            if payloads:
+                await channel.write_queue.put(ChannelFrame(b"".join(payloads), False, written))
+        except BaseException:  # not queued (cancelled while the write queue was full): take it all back
             channel.delivery_tag = first
-            for tag in range(first + 1, first + 1 + len(confirmations)):
+            for tag in registered:
                 channel.confirmations.pop(tag, None)
-            for confirmation in confirmations:
-                confirmation.cancel()
+            for future in (*confirmations, written):
+                future.cancel()
             raise
+    if payloads:
+        await written
     return confirmations
 
 
@@ -776,15 +787,10 @@ class _AmqpSubscription(Subscription):
             tags = self._tags.setdefault(channel, _Tags())
             try:
                 async with self.transport._talking(f"acking {len(acking)} on {self._queue.name!r}"):
-                    plan = tags.plan(acking)
-                    if _writes_frames(channel) and not channel.is_closed:  # one write, as for publishes
-                        written = channel.create_future()
-                        acks = [spec.Basic.Ack(delivery_tag=tag, multiple=multiple) for tag, multiple in plan]
-                        await channel.write_queue.put(
-                            ChannelFrame.marshall(channel_number=channel.number, frames=acks, drain_future=written))
-                        await written
-                    else:
-                        await asyncio.gather(*(channel.basic_ack(tag, multiple=multiple) for tag, multiple in plan))
+                    *before, (last, multiple) = tags.plan(acking)
+                    for tag, many in before:  # queued back to back; the last one waits for the socket
+                        await channel.basic_ack(tag, multiple=many, wait=False)
+                    await channel.basic_ack(last, multiple=multiple)
             except TransportError as exc:
                 if not channel.is_closed and not isinstance(exc.__cause__, ChannelInvalidStateError):
                     failed = exc
