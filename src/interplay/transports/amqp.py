@@ -97,7 +97,7 @@ _tokens = itertools.count(1)
 _message_ids = itertools.count(1)  # with _PUBLISHER_ID: unique, and far cheaper than uuid4
 _PUBLISHER_ID = f"ip-{uuid.uuid4().hex[:12]}-"
 _PERSISTENT = int(DeliveryMode.PERSISTENT)
-Properties = spec.Basic.Properties
+_Properties = spec.Basic.Properties
 
 
 @dataclass(frozen=True, slots=True)
@@ -455,7 +455,7 @@ class AmqpTransport(Transport):
                 confirms = await _publish_frames(channel, exchange, items)
             else:  # gather starts the publishes in order: one route keeps its order
                 confirms = [channel.basic_publish(body, exchange=exchange, routing_key=key, mandatory=True,
-                                                  properties=Properties(delivery_mode=_PERSISTENT, headers=headers))
+                                                  properties=_Properties(delivery_mode=_PERSISTENT, headers=headers))
                             for key, body, headers in items]
             return await asyncio.gather(*confirms, return_exceptions=True)
 
@@ -528,10 +528,10 @@ async def _publish_frames(
     """
     confirmations: list[asyncio.Future[Any]] = []
     registered: list[int] = []
-    written = channel.create_future()
     async with channel.lock:
         first = channel.delivery_tag
         payloads: list[bytes] = []
+        written = channel.create_future()
         try:
             for key, body, headers in items:
                 confirmation = channel.create_future()
@@ -540,7 +540,7 @@ async def _publish_frames(
                 try:
                     if len(key.encode()) > 255:
                         raise ValueError(f"routing key {key[:40]!r}... is over 255 bytes")
-                    header = ContentHeader(body_size=len(body), properties=Properties(
+                    header = ContentHeader(body_size=len(body), properties=_Properties(
                         delivery_mode=_PERSISTENT, headers=headers, message_id=message_id))
                     publish = spec.Basic.Publish(exchange=exchange, routing_key=key, mandatory=True)
                     frames: list[Any] = [publish, header, *channel._split_body(body)]
