@@ -269,15 +269,17 @@ class Runtime:
         return msg.flow_id
 
     def too_large(self, outgoing: Sequence[Outgoing]) -> str | None:
-        """Why the bus would never take one of these messages (too large), or None."""
-        limit = self.transport.body_limit()
-        if limit is None:
-            return None
+        """Why the bus would never take one of these messages (too large, or its route too
+        long: a reply to a ``reply_to`` a sender made up), or None."""
+        limit, route_limit = self.transport.body_limit(), self.transport.route_limit()
         for out in outgoing:
-            if len(out.body) > limit:
-                msg = out.message
+            msg = out.message
+            if limit is not None and len(out.body) > limit:
                 return (f"{msg.kind} {msg.type!r} is {len(out.body)} bytes; the bus takes at most {limit} "
                         "(raise its limit, or send a reference to the data)")
+            if route_limit is not None and (size := len(out.route.encode())) > route_limit:
+                return (f"{msg.kind} {msg.type!r} goes to route {out.route[:40]!r}... of {size} bytes; the bus "
+                        f"takes routes of at most {route_limit}")
         return None
 
     async def send(self, outgoing: Sequence[Outgoing]) -> None:

@@ -18,6 +18,7 @@ import pytest
 
 from interplay import App, NotFound, WorkflowContext, WorkflowFailed
 from interplay.message import Message
+from interplay.stores.records import Outgoing
 from interplay.testing import wait_until
 from interplay.transports.amqp import AmqpTransport
 from interplay.transports.amqp_dlq import PARKED_HEADER, RESCUES_HEADER
@@ -252,6 +253,30 @@ async def test_a_dead_letter_of_no_service_is_replayed_by_its_route(bus: Bus) ->
         flow = await rt.trace(flow_id)
         assert (flow.status, flow.pending, flow.dead) == ("completed", 0, 0)
     assert calls == Counter({"payments": 2, "shipping": 2, "notification": 2})  # order 1 once, order 2 once
+
+
+async def test_a_command_whose_reply_to_rabbitmq_cannot_route_is_dead_lettered_not_stuck(bus: Bus) -> None:
+    # A reply_to a sender made up, too long for a routing key: its reply (and the error
+    # reply after it) could never be published - in the outbox it would wait for ever.
+    app = App("echoing")
+    said: list[str] = []
+
+    @app.service("echo").command("say")
+    async def say(text: str) -> str:
+        said.append(text)
+        return text
+
+    async with bus.run(app) as rt:
+        command = Message(type="echo.say", payload="hi", kind="command", source="test",
+                          headers={"reply_to": "reply." + "x" * 300})
+        out = Outgoing(message=command, route="command.echo.say", body=command.encode(), fanout=1)
+        await rt.transport.publish([out])
+        await wait_until(lambda: dead_letters(rt, 1), timeout=20, message="the command dead-lettered")
+        (dead,) = await rt.dlq()
+        assert (dead.msg_id, dead.reason) == (command.id, "emit_too_large")
+        assert "routes of at most 255" in (dead.error or "")
+        assert await rt.store.read(lambda tx: tx.one("SELECT COUNT(*) FROM ip_outbox")[0]) == 0
+    assert said == ["hi"]
 
 
 def envelope_body(dead: dict[bytes, Any], n: int) -> bytes:

@@ -92,6 +92,7 @@ DELAY_HEADER = "interplay-delay"
 _DRIVER_ERRORS: tuple[type[BaseException], ...] = CONNECTION_EXCEPTIONS
 _DELAY_STEPS = (10, 12, 15, 18, 20, 25, 30, 35, 40, 50, 60, 70, 80)  # each <= 1.25x the last
 _MAX_DELAY_MS = 2**31 - 1  # RabbitMQ TTLs are 32-bit
+_MAX_ROUTING_KEY = 255  # bytes (AMQP's shortstr)
 _IDLE_MS = 600_000  # a delay level queue outlives its last declaration by this much
 _tokens = itertools.count(1)
 _message_ids = itertools.count(1)  # with _PUBLISHER_ID: unique, and far cheaper than uuid4
@@ -354,6 +355,10 @@ class AmqpTransport(Transport):
         self._ephemeral.discard(group)
         self.declared_queues.discard(name)
 
+    def route_limit(self) -> int:
+        """RabbitMQ's routing keys are at most 255 bytes."""
+        return _MAX_ROUTING_KEY
+
     def on_abandoned(self, sink: AbandonedSink | None) -> None:
         """Dead letters that cannot go back to their group go to ``sink``, not ``:parked``
         (see :mod:`~interplay.transports.amqp_dlq`); call before the first subscribe."""
@@ -538,8 +543,8 @@ async def _publish_frames(
                 confirmations.append(confirmation)
                 message_id = f"{_PUBLISHER_ID}{next(_message_ids)}"
                 try:
-                    if len(key.encode()) > 255:
-                        raise ValueError(f"routing key {key[:40]!r}... is over 255 bytes")
+                    if len(key.encode()) > _MAX_ROUTING_KEY:
+                        raise ValueError(f"routing key {key[:40]!r}... is over {_MAX_ROUTING_KEY} bytes")
                     header = ContentHeader(body_size=len(body), properties=_Properties(
                         delivery_mode=_PERSISTENT, headers=headers, message_id=message_id))
                     publish = spec.Basic.Publish(exchange=exchange, routing_key=key, mandatory=True)

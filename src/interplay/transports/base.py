@@ -201,6 +201,11 @@ class Transport(ABC):
         outbox for a relay that can never publish them."""
         return None
 
+    def route_limit(self) -> int | None:
+        """The longest route (in UTF-8 bytes) the bus takes (RabbitMQ's routing keys: 255);
+        None where none is known. Like :meth:`body_limit`, checked before committing."""
+        return None
+
     def on_abandoned(self, sink: AbandonedSink | None) -> None:
         """Hand messages the broker gives up on to ``sink`` instead of keeping them aside
         (None: keep them aside again).
