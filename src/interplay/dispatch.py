@@ -450,6 +450,7 @@ async def record_abandoned(rt: Runtime, abandoned: Abandoned) -> None:
         msg_id=msg.id if msg is not None else "invalid-" + new_id(), group=abandoned.group, route=abandoned.route,
         type=msg.type if msg is not None else "(invalid)", flow_id=msg.flow_id if msg is not None else None,
         body=abandoned.body, reason="abandoned", error=f"Abandoned: {abandoned.reason}", attempts=abandoned.deliveries,
+        counted=False,
     )
     await rt.store.settle(Settlement(abandoned.group, dead.msg_id, None, "dead", dead=dead), rt.clock.now(),
                           rt.delivery_mode)

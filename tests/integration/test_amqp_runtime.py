@@ -255,6 +255,33 @@ async def test_a_dead_letter_of_no_service_is_replayed_by_its_route(bus: Bus) ->
     assert calls == Counter({"payments": 2, "shipping": 2, "notification": 2})  # order 1 once, order 2 once
 
 
+async def test_a_dead_letter_of_another_apps_service_is_counted_in_no_flow_on_replay(bus: Bus) -> None:
+    # Given up on in the queue of a service this app does not define: recorded in no
+    # flow's counts (its flow never counted that service's copy) - nor when replayed.
+    calls: Counter[str] = Counter()
+    async with bus.run(order_app(calls)) as rt:
+        transport = rt.transport
+        assert isinstance(transport, AmqpTransport)
+        exchange = transport.options.exchange
+        order = Message(type="order.created", payload={"id": 3, "amount": 1.0}, kind="event", source="t")
+        flow_id = await rt.publish("order.created", order.payload, id=order.id)
+        await rt.wait_flow(flow_id, timeout=20)
+        await transport.declare("elsewhere", ["event.order.created"])  # another app's service
+        died = {"x-death": [{"count": 1, "reason": "delivery_limit", "queue": f"{exchange}.elsewhere",
+                             "exchange": exchange, "routing-keys": ["event.order.created"]}], RESCUES_HEADER: 3}
+        copy = Message(type="order.created", payload=order.payload, kind="event", source="t", id=order.id,
+                       flow_id=flow_id)
+        await dead_letter(exchange, copy.encode(), died)
+        await wait_until(lambda: dead_letters(rt, 1), timeout=20, message="the dead letter in the store")
+        (dead,) = await rt.dlq()
+        assert (dead.group, dead.reason, dead.counted) == ("elsewhere", "abandoned", False)
+        await rt.replay([dead.id])
+        flow = await rt.trace(flow_id)
+        assert (flow.status, flow.pending, flow.dead) == ("completed", 0, 0)
+        (again,) = await take_all(transport.queue_name("elsewhere"))  # the queue of the service it died in
+        assert Message.decode(again.body).id == order.id
+
+
 async def test_a_command_whose_reply_to_rabbitmq_cannot_route_is_dead_lettered_not_stuck(bus: Bus) -> None:
     # A reply_to a sender made up, too long for a routing key: its reply (and the error
     # reply after it) could never be published - in the outbox it would wait for ever.

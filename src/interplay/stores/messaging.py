@@ -323,9 +323,9 @@ def _settle(tx: Tx, s: Settlement, now: float, delivery: Delivery) -> tuple[Sett
 
 def _insert_dead(tx: Tx, d: DeadLetter, now: float) -> None:
     tx.execute(
-        "INSERT INTO ip_dlq (msg_id, grp, route, type, flow_id, body, reason, error, attempts, time) "
-        "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-        (d.msg_id, d.group, d.route, d.type, d.flow_id, d.body, d.reason, d.error, d.attempts, now),
+        "INSERT INTO ip_dlq (msg_id, grp, route, type, flow_id, body, reason, error, attempts, time, counted) "
+        "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        (d.msg_id, d.group, d.route, d.type, d.flow_id, d.body, d.reason, d.error, d.attempts, now, int(d.counted)),
     )
 
 
@@ -396,38 +396,31 @@ def dlq_list(tx: Tx, limit: int, group: str | None, flow_id: str | None) -> list
         where.append("flow_id = ?")
         params.append(flow_id)
     rows = tx.all(
-        "SELECT id, msg_id, grp, route, type, flow_id, body, reason, error, attempts, time FROM ip_dlq "
-        f"WHERE {' AND '.join(where)} ORDER BY id DESC LIMIT ?",
+        f"SELECT {_DLQ_COLUMNS} FROM ip_dlq WHERE {' AND '.join(where)} ORDER BY id DESC LIMIT ?",
         (*params, limit),
     )
-    return [
-        DeadLetterRecord(
-            msg_id=r[1], group=r[2], route=r[3], type=r[4], flow_id=r[5], body=bytes(r[6]),
-            reason=r[7], error=r[8], attempts=int(r[9]), id=int(r[0]), time=float(r[10]),
-        )
-        for r in rows
-    ]
+    return [_dead_letter(r) for r in rows]
+
+
+_DLQ_COLUMNS = "id, msg_id, grp, route, type, flow_id, body, reason, error, attempts, time, counted"
+
+
+def _dead_letter(r: Sequence[Any]) -> DeadLetterRecord:
+    return DeadLetterRecord(
+        msg_id=r[1], group=r[2], route=r[3], type=r[4], flow_id=r[5], body=bytes(r[6]), reason=r[7],
+        error=r[8], attempts=int(r[9]), id=int(r[0]), time=float(r[10]), counted=bool(r[11]),
+    )
 
 
 def dlq_take(tx: Tx, ids: Sequence[int]) -> list[DeadLetterRecord]:
     """Remove dead letters and return them (to replay them elsewhere)."""
     taken = []
     for dlq_id in ids:
-        row = tx.one(
-            "SELECT id, msg_id, grp, route, type, flow_id, body, reason, error, attempts, time "
-            "FROM ip_dlq WHERE id = ?",
-            (dlq_id,),
-        )
+        row = tx.one(f"SELECT {_DLQ_COLUMNS} FROM ip_dlq WHERE id = ?", (dlq_id,))
         if row is None:
             continue
         tx.execute("DELETE FROM ip_dlq WHERE id = ?", (dlq_id,))
-        taken.append(
-            DeadLetterRecord(
-                msg_id=row[1], group=row[2], route=row[3], type=row[4], flow_id=row[5],
-                body=bytes(row[6]), reason=row[7], error=row[8], attempts=int(row[9]),
-                id=int(row[0]), time=float(row[10]),
-            )
-        )
+        taken.append(_dead_letter(row))
     return taken
 
 
@@ -448,7 +441,7 @@ def dlq_replay(tx: Tx, ids: Sequence[int], now: float, requeue: bool) -> list[De
                 (d.group, d.msg_id, d.flow_id or d.msg_id, d.body, now, d.route),
             )
             tx.routes.add("@" + d.group)
-        if d.group:  # one of no service was counted in no flow (see dispatch.record_abandoned)
+        if d.counted and d.group:  # one of no service was never counted (dispatch.record_abandoned)
             changes.add(d.flow_id, pending=1, dead=-1)
     changes.apply(tx, now)
     return taken
@@ -459,7 +452,7 @@ def dlq_restore(tx: Tx, records: Sequence[DeadLetterRecord], now: float) -> None
     changes = FlowChanges()
     for d in records:
         _insert_dead(tx, d, now)
-        if d.group:
+        if d.counted and d.group:
             changes.add(d.flow_id, pending=-1, dead=1)
     changes.apply(tx, now)
 

@@ -89,6 +89,9 @@ class DeadLetter:
     ``too_many_deliveries``, ``emit_too_large``, ``abandoned`` (a broker gave up on it)."""
     error: str | None
     attempts: int
+    counted: bool = True
+    """Whether its flow counts it (pending, dead): not one a broker gave up on that no
+    service of the app ever held."""
 
 
 @dataclass(slots=True)

@@ -7,7 +7,7 @@ another style. Bump ``SCHEMA_VERSION`` and append to ``MIGRATIONS`` to change it
 
 from __future__ import annotations
 
-SCHEMA_VERSION = 6
+SCHEMA_VERSION = 7
 
 MIGRATIONS: dict[int, list[str]] = {
     1: [
@@ -103,6 +103,12 @@ MIGRATIONS: dict[int, list[str]] = {
         "ALTER TABLE ip_outbox ADD COLUMN relay_after {real}",
         "ALTER TABLE ip_outbox ADD COLUMN attempts INTEGER NOT NULL DEFAULT 0",
         "CREATE INDEX IF NOT EXISTS ip_outbox_due ON ip_outbox (relay_after)",
+    ],
+    # Whether a dead letter counts in its flow's pending/dead: not one a broker gave up on
+    # that no service of the app ever held (dispatch.record_abandoned) - replaying or
+    # restoring it must not count it either.
+    7: [
+        "ALTER TABLE ip_dlq ADD COLUMN counted INTEGER NOT NULL DEFAULT 1",
     ],
 }
 
