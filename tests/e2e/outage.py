@@ -10,9 +10,11 @@ order completes, nothing is lost, every event is emitted exactly once.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import subprocess
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -63,19 +65,39 @@ class ServerProcess:
         return self.log.read_text().count(self.ready_line) >= self.starts
 
     def stop(self) -> None:
-        if self.proc is None or self.proc.poll() is not None:
+        if self.proc is None:
             return
-        self._signal(signal.SIGTERM)
-        try:
-            self.proc.wait(timeout=self.stop_timeout)
-        except subprocess.TimeoutExpired:
+        if self.proc.poll() is None:
+            self._signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=self.stop_timeout)
+            except subprocess.TimeoutExpired:
+                self._signal(signal.SIGKILL)
+                self.proc.wait(timeout=10)
+        if self.own_session and not self._group_gone(self.stop_timeout):
+            # The wrapper script can exit on SIGTERM while the server it started is still
+            # shutting down, its port open and its node name taken: a start then fails.
             self._signal(signal.SIGKILL)
-            self.proc.wait(timeout=10)
+            if not self._group_gone(10):
+                raise RuntimeError(f"{self.command[0]}'s processes outlived SIGKILL")
+
+    def _group_gone(self, timeout: float) -> bool:
+        """Whether every process of the server's group has exited within ``timeout`` s."""
+        assert self.proc is not None
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                os.killpg(self.proc.pid, 0)
+            except ProcessLookupError:
+                return True
+            time.sleep(0.05)
+        return False
 
     def _signal(self, sig: signal.Signals) -> None:
         assert self.proc is not None
         if self.own_session:
-            os.killpg(self.proc.pid, sig)
+            with contextlib.suppress(ProcessLookupError):  # the group may be gone already
+                os.killpg(self.proc.pid, sig)
         else:
             self.proc.send_signal(sig)
 
