@@ -397,11 +397,14 @@ class Consumer:
             # A failure's own messages (error reply, on_error event) the bus would refuse
             # for good are left out: in the outbox they would wait for ever. The dead
             # letter keeps what happened.
-            refused = [(out, why) for out in settlement.emits if (why := rt.too_large([out])) is not None]
-            for out, why in refused:
-                log.warning("%s: not sending %s %s after %s: %s", self.group, out.message.kind, out.message.type,
-                            settlement.msg_id, why)
-            settlement.emits = [out for out in settlement.emits if all(out is not o for o, _ in refused)]
+            kept = []
+            for out in settlement.emits:
+                if (why := rt.too_large([out])) is None:
+                    kept.append(out)
+                else:
+                    log.warning("%s: not sending %s %s after %s: %s", self.group, out.message.kind,
+                                out.message.type, settlement.msg_id, why)
+            settlement.emits = kept
         for out in settlement.emits:
             if out.route in rt.store.local_routes and is_workflow_reply(out.message):
                 # The calling workflow runs in this process: journal its step's result in

@@ -220,6 +220,11 @@ async def test_a_dead_letter_that_cannot_go_back_is_dead_lettered_into_the_store
     assert calls == Counter()  # recorded, never handled
 
 
+def envelope_body(dead: dict[bytes, Any], n: int) -> bytes:
+    """The body of the dead letter whose envelope carries order ``n``."""
+    return next(body for body in dead if body.startswith(b"{") and Message.decode(body).payload["id"] == n)
+
+
 async def test_a_dead_letter_of_no_service_is_replayed_by_its_route(bus: Bus) -> None:
     # It died in a queue of no service: there is no group to hand it back to, so a replay
     # publishes it again as it was first published - handled where it was not yet, and
@@ -304,11 +309,6 @@ async def test_a_command_whose_reply_to_rabbitmq_cannot_route_is_dead_lettered_n
         assert "routes of at most 255" in (dead.error or "")
         assert await rt.store.read(lambda tx: tx.one("SELECT COUNT(*) FROM ip_outbox")[0]) == 0
     assert said == ["hi"]
-
-
-def envelope_body(dead: dict[bytes, Any], n: int) -> bytes:
-    """The body of the dead letter whose envelope carries order ``n``."""
-    return next(body for body in dead if body.startswith(b"{") and Message.decode(body).payload["id"] == n)
 
 
 async def test_an_abandoned_command_answers_the_workflow_waiting_for_it(bus: Bus) -> None:
