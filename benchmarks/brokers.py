@@ -7,6 +7,8 @@ notification handled):
 * ``interplay redis://`` / ``amqp://`` / ``nats://``: every service and the client in
   one process on the broker, a SQLite store file per variant (``synchronous=full``;
   tracing, the inbox and the outbox on, as always);
+* ``interplay amqp:// pack=1``: as ``amqp://`` with packs off (``?pack=1``): every message
+  its own AMQP message, to show what packs save;
 * ``interplay sqlite bus``: the embedded default, the store's own queue;
 * ``interplay redis:// apart``: as ``redis://``, but payments and shipping each run in
   an ``interplay run benchmarks.bench_app:choreography --service S`` process of its own
@@ -91,7 +93,8 @@ ROOT = Path(__file__).resolve().parent.parent
 REDIS = "redis://127.0.0.1:6379/0"
 AMQP = "amqp://guest:guest@127.0.0.1:5672/"
 NATS = "nats://127.0.0.1:4222"
-BUSES = {"redis://": "redis", "amqp://": "amqp", "nats://": "nats", "sqlite bus": "sqlite"}
+BUSES = {"redis://": "redis", "amqp://": "amqp", "amqp:// pack=1": "amqp pack=1", "nats://": "nats",
+         "sqlite bus": "sqlite"}
 
 APART = "interplay redis:// apart"
 """The services in processes of their own (``interplay run``) on the same store file."""
@@ -197,6 +200,7 @@ class Bus:
     """A uniquely named place on one broker, deleted by :meth:`cleanup`."""
 
     def __init__(self, kind: str) -> None:
+        kind, _, self.options = kind.partition(" ")  # "amqp pack=1": URL options after the kind
         self.kind = kind
         self.uid = uuid.uuid4().hex[:10]
         self.transports: list[Any] = []
@@ -208,7 +212,7 @@ class Bus:
         if self.kind == "redis":
             return f"{REDIS}?prefix=ipbench:{self.uid}:"
         if self.kind == "amqp":
-            return f"{AMQP}?exchange=ipbench-{self.uid}"
+            return f"{AMQP}?exchange=ipbench-{self.uid}" + (f"&{self.options}" if self.options else "")
         if self.kind == "nats":
             return f"{NATS}?stream=IPBENCH_{self.uid}"
         return None  # the store's own queue
@@ -856,6 +860,8 @@ def target(variant: str, rate: float, redis_rate: float | None) -> str:
         return f">= {CHOREOGRAPHY_TARGET:,.0f}: {'ok' if rate >= CHOREOGRAPHY_TARGET else 'MISSED'}"
     if variant in ("orchestration: interplay redis://", f"orchestration: {APART}"):
         return f">= {ORCHESTRATION_TARGET:,.0f}: {'ok' if rate >= ORCHESTRATION_TARGET else 'MISSED'}"
+    if "pack=1" in variant:
+        return "(packs off: to compare)"
     if "amqp://" in variant or "nats://" in variant:
         if redis_rate is None:
             return ">= redis / 2: (no redis result)"

@@ -24,9 +24,10 @@ from interplay.testing import wait_until
 from interplay.transports import open_transport
 from interplay.transports.amqp import AmqpOptions, AmqpTransport, _Tags, delay_level, redact
 from interplay.transports.amqp_dlq import PARKED_HEADER, RESCUES_HEADER
-from interplay.transports.base import Transport
+from interplay.transports.amqp_pack import PACK_TYPE, pack
+from interplay.transports.base import Subscription, Transport
 
-from ..amqp_broker import BROKER, dead_letter, take_all
+from ..amqp_broker import BROKER, dead_letter, publish_raw, queued, take_all
 from ..servers import SERVERS, require
 from .transport_contract import LEASE, Connect, TransportContract, drain, numbers, outgoing
 
@@ -78,6 +79,14 @@ def counting_writes(channel: Any) -> Iterator[list[Any]]:
         yield writes
     finally:
         channel.write_queue.put = put
+
+
+async def kill(t: AmqpTransport, sub: Subscription) -> None:
+    """``t``'s process dies: its connection drops, nothing settled or put back. (Its
+    consumer is cancelled first, a round trip: its acks are in, as they would be by then.)"""
+    await sub._queue.cancel(sub._consumer_tag)  # type: ignore[attr-defined]
+    assert t._connection is not None
+    await t._connection.close()
 
 
 class TestAmqpTransport(TransportContract):
@@ -408,6 +417,126 @@ class TestAmqpTransport(TransportContract):
         assert results[:5] == [None] * 5
         assert all(isinstance(r, TransportError) and "publishing to" in str(r) for r in results[5:])
         assert sorted(numbers(await drain(sub, 6))) == list(range(6))  # the refused caller's other one too
+        await sub.close()
+
+    # ------------------------------------------------------------------ packs
+    @pytest.mark.parametrize(("pack", "messages"), [(64, 1), (4, 3), (1, 10)])
+    async def test_messages_of_one_route_published_together_travel_as_packs(
+        self, names: dict[str, str], pack: int, messages: int
+    ) -> None:
+        # RabbitMQ's cost and the client's are per AMQP message: ten messages published
+        # together are one (``pack=1``: ten), and come out as ten, in order.
+        t = AmqpTransport(amqp_url(self.exchange, pack=pack))
+        await t.open(SystemClock())
+        self.opened.append(t)
+        try:
+            await t.declare(names["g1"], [names["route"]])
+            await t.publish([outgoing(names["route"], n) for n in range(10)])
+            assert await queued(t.queue_name(names["g1"])) == messages
+            sub = await t.subscribe(names["g1"], [names["route"]], lease=10)
+            assert numbers(await drain(sub, 10)) == list(range(10))
+            await sub.close()
+            assert await queued(t.queue_name(names["g1"])) == 0  # acked, each pack with its last message
+        finally:
+            await t.close()
+
+    async def test_a_pack_that_comes_back_is_split_so_a_message_killing_consumers_goes_on_alone(
+        self, connect_bus: Connect, names: dict[str, str]
+    ) -> None:
+        # The first consumer dies holding a pack: it comes back whole, and is split. The
+        # second dies on message 2 after acking the others: only message 2 comes again.
+        t = await connect_bus()
+        await t.declare(names["g1"], [names["route"]])
+        await t.publish([outgoing(names["route"], n) for n in range(5)])
+        for deliveries in (1, 2):
+            victim = await connect_bus()
+            sub = await victim.subscribe(names["g1"], [names["route"]], lease=10)
+            got = await drain(sub, 5, ack=False)
+            assert sorted(numbers(got)) == list(range(5))
+            assert {d.deliveries for d in got} == {deliveries}
+            await sub.ack([d for d in got if numbers([d]) != [2]])
+            await kill(victim, sub)
+        sub = await t.subscribe(names["g1"], [names["route"]], lease=10)
+        again = await drain(sub, 5, timeout=3)
+        assert (numbers(again), again[0].deliveries) == ([2], 3)
+        await sub.close()
+
+    async def test_messages_of_a_pack_nacked_or_left_to_expire_come_again_alone(
+        self, connect_bus: Connect, names: dict[str, str]
+    ) -> None:
+        # A pack is one AMQP message, acked with its last: one of its messages given back
+        # goes back as a copy, its delivery counted; the pack is acked once all are settled.
+        t = await connect_bus()
+        sub = await t.subscribe(names["g1"], [names["route"]], lease=LEASE)
+        await t.publish([outgoing(names["route"], n) for n in range(4)])
+        by_n = {d.message.payload["n"]: d for d in await drain(sub, 4, ack=False) if d.message is not None}
+        await sub.nack(by_n[0], 0.3)
+        await sub.nack(by_n[1], 0)
+        await sub.ack([by_n[3]])  # and 2's lease runs out
+        again = await drain(sub, 3, timeout=LEASE * 6)
+        assert sorted(numbers(again)) == [0, 1, 2]
+        assert {d.deliveries for d in again} == {2}
+        assert await sub.receive(10, 2 * LEASE) == []
+        await sub.close()
+        assert await queued(t.queue_name(names["g1"])) == 0
+
+    async def test_a_busy_consumer_hands_back_the_messages_of_a_pack_it_cannot_start(
+        self, connect_bus: Connect, names: dict[str, str]
+    ) -> None:
+        # Packs must not let one consumer hoard work: what it has not started within a
+        # second goes back to the queue, for any consumer of the group.
+        busy, idle = await connect_bus(), await connect_bus()
+        s_busy = await busy.subscribe(names["g1"], [names["route"]], lease=10)
+        assert await s_busy.receive(2, 0.1) == []  # consuming, two at a time
+        await busy.publish([outgoing(names["route"], n) for n in range(6)])
+        first = await drain(s_busy, 2, ack=False)
+        s_idle = await idle.subscribe(names["g1"], [names["route"]], lease=10)
+        rest = await drain(s_idle, 4, timeout=8)
+        assert sorted(numbers(first + rest)) == list(range(6))
+        assert {d.deliveries for d in rest} == {1}  # never handed out: not a delivery
+        await s_busy.ack(first)
+        await s_busy.close()
+        await s_idle.close()
+
+    async def test_a_dead_lettered_pack_goes_back_to_its_group_message_by_message(self) -> None:
+        t = AmqpTransport(amqp_url(self.exchange))
+        await t.open(SystemClock())
+        self.opened.append(t)
+        bodies = [outgoing("event.x", n).body for n in range(3)]
+        death = {"count": 1, "reason": "delivery_limit", "exchange": self.exchange, "routing-keys": ["event.x"]}
+        try:
+            sub = await t.subscribe("g1", ["event.x"], lease=10)  # starts the dead-letter consumer
+            await dead_letter(self.exchange, pack(bodies), {"x-death": [{**death, "queue": f"{self.exchange}.g1"}]},
+                              type=PACK_TYPE)
+            await dead_letter(self.exchange, pack(bodies[:2]),
+                              {"x-death": [{**death, "queue": f"{self.exchange}.gone"}]}, type=PACK_TYPE)
+            back = await drain(sub, 3)
+            assert sorted(d.body for d in back) == sorted(bodies)
+            assert {(d.route, d.deliveries) for d in back} == {("event.x", 22)}
+            parked: list[AbstractIncomingMessage] = []
+
+            async def both_parked() -> bool:
+                parked.extend(await take_all(t.parked_name))
+                return len(parked) >= 2
+
+            await wait_until(both_parked, timeout=10, message="the two messages of the pack parked")
+            assert sorted(m.body for m in parked) == sorted(bodies[:2])
+            await sub.close()
+        finally:
+            await t.close()
+
+    async def test_a_malformed_pack_is_handed_out_whole_as_undecodable(
+        self, connect_bus: Connect, names: dict[str, str]
+    ) -> None:
+        # For the runtime to dead-letter with its reason; the consumer goes on.
+        t = await connect_bus()
+        sub = await t.subscribe(names["g1"], [names["route"]], lease=10)
+        assert await sub.receive(1, 0.1) == []
+        await publish_raw(self.exchange, names["route"], b"\x00\x00\x00\x09short", type=PACK_TYPE)
+        await t.publish([outgoing(names["route"], 1)])
+        bad, good = await drain(sub, 2)
+        assert (bad.message, bad.body) == (None, b"\x00\x00\x00\x09short")
+        assert numbers([good]) == [1]
         await sub.close()
 
     async def test_unreachable_broker_is_a_transport_error(self) -> None:

@@ -28,6 +28,20 @@ their confirms (a batch's together), at-least-once dead-lettering. A message no
 queue is bound to is not an error - the route has no subscriber, as on every bus -
 and is logged once per route.
 
+Packs (:mod:`interplay.transports.amqp_pack`): messages of one route published together
+(concurrent handlers' publishes share a batch) travel as one AMQP message, up to ``pack``
+of them within 256 KiB; the consumer hands them out one by one and acks the pack with
+the last one settled. One of them cannot be rejected alone, so what would be: a copy
+goes back to ``@<group>`` (``nack``, an expired lease: its delivery counted), and then
+counts as settled. Packs must not let one consumer hoard a group's work: what of a pack
+waited unstarted ``_PACK_HOLD`` (1 s) goes back to the queue, for any consumer. A pack
+that comes back (its consumer died or was cut off holding it) is split: each message
+published again on its own, so that one that kills its consumer goes on alone; closing
+a subscription puts back what of a pack is not settled, so that what was acked of it
+does not come again. What packs cost: a message handed back goes to the queue's end
+(not its place), and a consumer that dies holding a pack hands its acked messages out
+again too (the inbox drops them).
+
 Deliveries: ``x-delivery-count`` + 1, plus what a delayed copy carries in its
 ``interplay-deliveries`` header. Leases are emulated (RabbitMQ has no visibility
 timeout): a message handed out and not acked within ``lease`` s (``extend`` pushes
@@ -51,7 +65,7 @@ import os
 import socket
 import uuid
 from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterator, Sequence
 from contextlib import asynccontextmanager, contextmanager, suppress
 from dataclasses import dataclass, fields
 from functools import partial
@@ -74,7 +88,9 @@ from pamqp.header import ContentHeader
 
 from ..clock import Clock, SystemClock
 from ..errors import ConfigurationError, TransportError
+from . import amqp_pack
 from .amqp_dlq import DELIVERIES_HEADER, ROUTE_HEADER, DeadLetterRescue, count, text
+from .amqp_pack import PACK_TYPE
 from .base import AbandonedSink, Delivery, Subscription, Transport
 from .coalesce import Coalescer, Refused
 
@@ -99,6 +115,9 @@ _message_ids = itertools.count(1)  # with _PUBLISHER_ID: unique, and far cheaper
 _PUBLISHER_ID = f"ip-{uuid.uuid4().hex[:12]}-"
 _PERSISTENT = int(DeliveryMode.PERSISTENT)
 _Properties = spec.Basic.Properties
+_Publish = tuple[str, bytes, "dict[str, Any] | None", "str | None"]  # routing key, body, headers, type
+_PACK_BYTES = 256 * 1024  # a pack's body at most; a larger message goes alone
+_PACK_HOLD = 1.0  # seconds a pack's message waits unstarted before it goes back to the queue
 
 
 @dataclass(frozen=True, slots=True)
@@ -108,7 +127,8 @@ class AmqpOptions:
     exchange: str = "interplay"
     """The topic exchange; every queue's name starts with it."""
     prefetch: int = 256
-    """Most unacked messages per subscription (QoS); the first receive's batch size lowers it."""
+    """Most unacked AMQP messages per subscription (QoS; a pack counts as one); the first
+    receive's batch size lowers it."""
     delivery_limit: int = 20
     """``x-delivery-limit`` of new group queues (poison backstop, 0 = off; existing ones: by policy)."""
     timeout: float = 10.0
@@ -120,6 +140,9 @@ class AmqpOptions:
     """Seconds an ephemeral group's queue survives without a consumer."""
     connect_timeout: float = 10.0
     """Seconds to wait for the first connection in ``open``."""
+    pack: int = 64
+    """Most messages of one route, published together, that travel as one AMQP message
+    (a pack; 1 = each on its own, as a consumer of an interplay before packs needs)."""
 
     @classmethod
     def from_url(cls, url: str) -> tuple[AmqpOptions, str]:
@@ -138,8 +161,9 @@ class AmqpOptions:
         rest = [(key, value) for key, value in query if key not in types]
         if not options.exchange or options.exchange.startswith("amq.") or len(options.exchange) > 200:
             raise ConfigurationError(f"amqp:// option exchange={options.exchange!r} is not a usable exchange name")
-        if options.prefetch < 1 or options.delivery_limit < 0 or options.timeout <= 0:
-            raise ConfigurationError("amqp:// options need prefetch >= 1, delivery_limit >= 0, timeout > 0")
+        if options.prefetch < 1 or options.delivery_limit < 0 or options.timeout <= 0 or options.pack < 1:
+            raise ConfigurationError(
+                "amqp:// options need prefetch >= 1, delivery_limit >= 0, timeout > 0, pack >= 1")
         return options, urlunsplit(parts._replace(query=urlencode(rest)))
 
 
@@ -410,8 +434,18 @@ class AmqpTransport(Transport):
 
     async def _publish_batch(self, items: list[tuple[str, bytes, int]]) -> None:
         exchange = self.options.exchange
-        results = await self._confirm_all(exchange, [(route, body, None) for route, body, _ in items],
-                                          f"publishing {len(items)}")
+        bodies = [body for _, body, _ in items]
+        plan = amqp_pack.plan([route for route, _, _ in items], bodies, self.options.pack, _PACK_BYTES)
+        messages: list[_Publish] = [
+            (key, bodies[indices[0]], None, None) if len(indices) == 1
+            else (key, amqp_pack.pack([bodies[i] for i in indices]), None, PACK_TYPE)
+            for key, indices in plan
+        ]
+        sent = await self._confirm_all(exchange, messages, f"publishing {len(items)}")
+        results: list[Any] = [None] * len(items)
+        for (_, indices), result in zip(plan, sent, strict=True):
+            for i in indices:
+                results[i] = result
         for (route, _, fanout), result in zip(items, results, strict=True):
             if isinstance(result, DeliveredMessage):
                 self._note_unroutable(route, fanout)
@@ -426,13 +460,13 @@ class AmqpTransport(Transport):
             TransportError: the group has no queue, or the publish was not confirmed.
         """
         (returned,) = await self._publish_all(
-            self.options.exchange, [("@" + group, body, {ROUTE_HEADER: route})], f"publishing to group {group!r}"
+            self.options.exchange, [("@" + group, body, {ROUTE_HEADER: route}, None)], f"publishing to group {group!r}"
         )
         if returned:
             raise TransportError(f"group {group!r} has no queue on exchange {self.options.exchange!r}")
 
     async def _publish_all(
-        self, exchange: str, items: Sequence[tuple[str, bytes, dict[str, Any] | None]], what: str
+        self, exchange: str, items: Sequence[_Publish], what: str
     ) -> list[bool]:
         """Publish each (routing key, body, headers); True where RabbitMQ returned it unroutable."""
         results = await self._confirm_all(exchange, items, what)
@@ -443,7 +477,7 @@ class AmqpTransport(Transport):
         return [isinstance(r, DeliveredMessage) for r in results]
 
     async def _confirm_all(
-        self, exchange: str, items: Sequence[tuple[str, bytes, dict[str, Any] | None]], what: str
+        self, exchange: str, items: Sequence[_Publish], what: str
     ) -> list[Any]:
         """Publish each (routing key, body, headers) persistent and mandatory; per item,
         RabbitMQ's answer: its confirm, the message returned unroutable, or the error.
@@ -460,8 +494,9 @@ class AmqpTransport(Transport):
                 confirms = await _publish_frames(channel, exchange, items)
             else:  # gather starts the publishes in order: one route keeps its order
                 confirms = [channel.basic_publish(body, exchange=exchange, routing_key=key, mandatory=True,
-                                                  properties=_Properties(delivery_mode=_PERSISTENT, headers=headers))
-                            for key, body, headers in items]
+                                                  properties=_Properties(delivery_mode=_PERSISTENT, headers=headers,
+                                                                         message_type=kind))
+                            for key, body, headers, kind in items]
             return await asyncio.gather(*confirms, return_exceptions=True)
 
     def _note_unroutable(self, route: str, fanout: int) -> None:
@@ -485,7 +520,7 @@ class AmqpTransport(Transport):
         level = delay_level(delay)
         await self._declare_level(level)
         (returned,) = await self._publish_all(
-            self._delay_exchange, [(key, body, {**headers, DELAY_HEADER: str(level)})], f"delaying {key!r}"
+            self._delay_exchange, [(key, body, {**headers, DELAY_HEADER: str(level)}, None)], f"delaying {key!r}"
         )
         if returned:  # the level queue vanished under us: forget it so the next try re-declares
             self._levels.pop(level, None)
@@ -518,7 +553,7 @@ def _frames_batched(channel: Any) -> TypeGuard[aiormq.Channel]:
 
 
 async def _publish_frames(
-    channel: aiormq.Channel, exchange: str, items: Sequence[tuple[str, bytes, dict[str, Any] | None]]
+    channel: aiormq.Channel, exchange: str, items: Sequence[_Publish]
 ) -> list[asyncio.Future[Any]]:
     """Write persistent, mandatory publishes as one frame batch; their confirmations.
 
@@ -538,7 +573,7 @@ async def _publish_frames(
         payloads: list[bytes] = []
         written = channel.create_future()
         try:
-            for key, body, headers in items:
+            for key, body, headers, kind in items:
                 confirmation = channel.create_future()
                 confirmations.append(confirmation)
                 message_id = f"{_PUBLISHER_ID}{next(_message_ids)}"
@@ -546,7 +581,7 @@ async def _publish_frames(
                     if len(key.encode()) > _MAX_ROUTING_KEY:
                         raise ValueError(f"routing key {key[:40]!r}... is over {_MAX_ROUTING_KEY} bytes")
                     header = ContentHeader(body_size=len(body), properties=_Properties(
-                        delivery_mode=_PERSISTENT, headers=headers, message_id=message_id))
+                        delivery_mode=_PERSISTENT, headers=headers, message_id=message_id, message_type=kind))
                     publish = spec.Basic.Publish(exchange=exchange, routing_key=key, mandatory=True)
                     frames: list[Any] = [publish, header, *channel._split_body(body)]
                     payloads.append(ChannelFrame.marshall(channel_number=channel.number, frames=frames).payload)
@@ -623,12 +658,30 @@ class _Tags:
         return plan + [(t, False) for t in sorted(acking) if t >= stays]
 
 
+@dataclass(slots=True, eq=False)
+class _Pack:
+    """A pack being handled: acked once each of its messages is settled."""
+
+    message: AbstractIncomingMessage
+    left: int
+    """Its messages not settled yet (acked, handed back to the queue or parked)."""
+    waiting: int
+    """Its messages still in the buffer, not handed out."""
+    since: float
+    """When it arrived (loop time)."""
+
+
 @dataclass(slots=True)
 class _Held:
     """A message handed out by ``receive``, leased until acked, nacked or expired."""
 
     message: AbstractIncomingMessage
     timer: asyncio.TimerHandle
+    body: bytes
+    pack: _Pack | None
+
+
+_Buffered = tuple[AbstractIncomingMessage, bytes, _Pack | None]
 
 
 class _AmqpSubscription(Subscription):
@@ -643,9 +696,11 @@ class _AmqpSubscription(Subscription):
         self.lease = lease
         self._channel = channel
         self._queue = queue
-        self._buffer: deque[AbstractIncomingMessage] = deque()
+        self._buffer: deque[_Buffered] = deque()
         self._arrived = asyncio.Event()
         self._held: dict[int, _Held] = {}
+        self._packs: dict[_Pack, None] = {}  # packs with messages in the buffer, oldest first
+        self._aging: asyncio.TimerHandle | None = None
         self._tags: dict[AbstractChannel, _Tags] = {}  # per channel delivering to us (one at a time)
         self._acks: Coalescer[AbstractIncomingMessage] = Coalescer("amqp", self._ack_batch)
         self._returns: set[asyncio.Task[None]] = set()
@@ -658,8 +713,124 @@ class _AmqpSubscription(Subscription):
             tags.delivered(message.delivery_tag)
         if self._closed:
             return  # unacked: closing the channel gives it back
-        self._buffer.append(message)
+        if message.type == PACK_TYPE and (bodies := amqp_pack.unpack(message.body)) is not None:
+            if message.redelivered and await self._split(message, bodies):
+                return
+            loop = asyncio.get_running_loop()
+            pack = _Pack(message, len(bodies), len(bodies), loop.time())
+            self._buffer.extend((message, body, pack) for body in bodies)
+            self._packs[pack] = None
+            if self._aging is None:
+                self._aging = loop.call_later(_PACK_HOLD, self._age)
+        else:  # a pack that is not well-formed goes out whole, to be dead-lettered as undecodable
+            self._buffer.append((message, message.body, None))
         self._arrived.set()
+
+    async def _split(self, message: AbstractIncomingMessage, bodies: list[bytes]) -> bool:
+        """A pack that came back (its consumer died or closed holding it): publish each of
+        its messages again on its own, so that one that kills its consumer does not take
+        the others along again; then ack the pack. False if that failed: it is handed out as
+        it is (what was handled of it already, the inbox drops).
+        """
+        try:
+            await self._republish(bodies, _so_far(message), "splitting a pack that came back", packed=False)
+        except TransportError as exc:
+            log.info("%s: %s; handling the pack whole", self.group, exc)
+            return False
+        try:
+            await self._acks.submit([message])
+        except TransportError as exc:  # it comes back again: its messages twice, the inbox drops one
+            log.info("%s: acking a pack split up failed: %s", self.group, exc)
+        return True
+
+    async def _republish(self, bodies: list[bytes], headers: dict[str, Any], what: str, *,
+                         packed: bool = True) -> None:
+        """Put ``bodies`` back in this group's queue: in a pack if several and ``packed``,
+        else each on its own.
+
+        Raises:
+            TransportError: not confirmed, or the group's queue is gone.
+        """
+        t = self.transport
+        key = "@" + self.group
+        items: list[_Publish] = [(key, amqp_pack.pack(bodies), headers, PACK_TYPE)] if packed and len(bodies) > 1 \
+            else [(key, body, headers, None) for body in bodies]
+        if any(await t._publish_all(t.options.exchange, items, f"{what} on {self._queue.name!r}")):
+            raise TransportError(f"{what}: group {self.group!r} has no queue")
+
+    def _age(self) -> None:
+        """Hand back what waited unstarted longer than ``_PACK_HOLD`` in packs (so that
+        other consumers of the group get work a busy one cannot start)."""
+        self._aging = None
+        if self._closed or not self._packs:
+            return
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        due: dict[_Pack, list[bytes]] = {}
+        for pack in self._packs:  # oldest first
+            if pack.since + _PACK_HOLD > now:
+                break
+            due[pack] = []
+        if due:
+            kept: deque[_Buffered] = deque()
+            for entry in self._buffer:
+                if entry[2] is not None and (bodies := due.get(entry[2])) is not None:
+                    bodies.append(entry[1])
+                else:
+                    kept.append(entry)
+            self._buffer = kept
+            for pack, bodies in due.items():
+                del self._packs[pack]
+                pack.waiting = 0
+                self._background(self._hand_back(pack, bodies))
+        if self._packs:
+            first = next(iter(self._packs))
+            self._aging = loop.call_at(first.since + _PACK_HOLD, self._age)
+
+    async def _hand_back(self, pack: _Pack, bodies: list[bytes]) -> None:
+        if not bodies or not _channel_open(pack.message):
+            return  # its channel is gone: the pack comes back whole
+        try:
+            await self._republish(bodies, _so_far(pack.message), "handing back messages not started")
+        except TransportError as exc:
+            if not _channel_open(pack.message) or self._closed:
+                return  # the pack is redelivered whole
+            log.info("%s: %s; they wait here again", self.group, exc)
+            loop = asyncio.get_running_loop()
+            pack.waiting, pack.since = len(bodies), loop.time()
+            self._buffer.extend((pack.message, body, pack) for body in bodies)
+            self._packs[pack] = None
+            if self._aging is None:
+                self._aging = loop.call_later(_PACK_HOLD, self._age)
+            self._arrived.set()
+            return
+        await self._count_settled(pack, len(bodies), "acking a pack handed back")
+
+    async def _close_pack(self, pack: _Pack, handed_out: list[bytes], waiting: list[bytes]) -> None:
+        """On close: put back what of ``pack`` is not settled, then ack it - so that what was
+        acked of it does not come again. If that fails (or something of it is unaccounted
+        for), closing the channel gives the whole pack back (the inbox drops what was handled)."""
+        if not _channel_open(pack.message) or not self.transport.connected:
+            return
+        try:
+            for bodies, delivered in ((handed_out, True), (waiting, False)):
+                if bodies:
+                    await self._republish(bodies, _so_far(pack.message, delivered=delivered),
+                                          "putting back the unsettled messages of a pack")
+                    await self._count_settled(pack, len(bodies), "acking a pack put back")
+        except TransportError as exc:
+            log.info("%s: %s; the pack comes back whole", self.group, exc)
+
+    async def _count_settled(self, pack: _Pack, n: int, what: str) -> None:
+        """``n`` messages of ``pack`` are settled; ack it when that was the last."""
+        pack.left -= n
+        if pack.left == 0:
+            await self._settle(pack.message, pack.message.ack, what)
+
+    def _background(self, work: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(work)
+        self._returns.add(task)
+        task.add_done_callback(self._returns.discard)
 
     async def _start(self, max_messages: int, timeout: float) -> bool:
         """Start consuming, waiting up to ``timeout`` for the connection; False if it is down."""
@@ -699,35 +870,49 @@ class _AmqpSubscription(Subscription):
     def _take(self, max_messages: int) -> list[Delivery]:
         out: list[Delivery] = []
         while self._buffer and len(out) < max_messages:
-            message = self._buffer.popleft()
+            message, body, pack = self._buffer.popleft()
+            if pack is not None:
+                pack.waiting -= 1
+                if pack.waiting == 0:
+                    self._packs.pop(pack, None)
             if not _channel_open(message):
                 continue  # its channel died: RabbitMQ redelivers it on the new one
             headers = message.headers or {}
             deliveries = count(headers.get(DELIVERIES_HEADER)) + count(headers.get("x-delivery-count")) + 1
             route = text(headers.get(ROUTE_HEADER)) or message.routing_key
             token = next(_tokens)
-            self._hold(token, message, self.lease)
-            out.append(Delivery.from_bytes(message.body, deliveries, route=route, handle=token))
+            self._held[token] = _Held(message, self._lease_timer(token, self.lease), body, pack)
+            out.append(Delivery.from_bytes(body, deliveries, route=route, handle=token))
         return out
 
-    def _hold(self, token: int, message: AbstractIncomingMessage, lease: float) -> None:
-        loop = asyncio.get_running_loop()
-        self._held[token] = _Held(message, loop.call_later(lease, self._expire, token))
+    def _lease_timer(self, token: int, lease: float) -> asyncio.TimerHandle:
+        return asyncio.get_running_loop().call_later(lease, self._expire, token)
 
     def _expire(self, token: int) -> None:
         held = self._held.pop(token, None)
-        if held is None:
-            return
-        # The lease ran out: give the message back for any consumer of the group.
-        task = asyncio.get_running_loop().create_task(self._give_back(held.message))
-        self._returns.add(task)
-        task.add_done_callback(self._returns.discard)
+        if held is not None:  # the lease ran out: give the message back for any consumer of the group
+            self._background(self._give_back(token, held))
 
-    async def _give_back(self, message: AbstractIncomingMessage) -> None:
+    async def _give_back(self, token: int, held: _Held) -> None:
+        if held.pack is None:
+            try:
+                await self._settle(held.message, partial(held.message.reject, requeue=True),
+                                   "returning an expired lease")
+            except TransportError as exc:
+                log.info("%s: %s (RabbitMQ redelivers it when the channel closes)", self.group, exc)
+            return
+        # One message of a pack cannot be rejected: a copy goes back, its delivery counted.
+        if not _channel_open(held.message):
+            return  # the channel is gone: the pack comes back whole
         try:
-            await self._settle(message, partial(message.reject, requeue=True), "returning an expired lease")
+            await self._republish([held.body], _so_far(held.message, delivered=True), "returning an expired lease")
         except TransportError as exc:
-            log.info("%s: %s (RabbitMQ redelivers it when the channel closes)", self.group, exc)
+            if _channel_open(held.message) and not self._closed:
+                log.info("%s: %s; trying again after another lease", self.group, exc)
+                held.timer = self._lease_timer(token, self.lease)
+                self._held[token] = held
+            return
+        await self._count_settled(held.pack, 1, "acking a pack whose messages are settled")
 
     def _release(self, delivery: Delivery) -> _Held | None:
         held = self._held.pop(delivery.handle, None) if isinstance(delivery.handle, int) else None
@@ -775,9 +960,19 @@ class _AmqpSubscription(Subscription):
         """Acknowledge; a delivery whose lease already expired is left alone (it was given back).
 
         Concurrent callers share a batch, acked with as few ``multiple`` acks as the
-        deliveries still handled allow.
+        deliveries still handled allow; a pack is acked with its last message.
         """
-        messages = [held.message for d in deliveries if (held := self._release(d)) is not None]
+        messages: list[AbstractIncomingMessage] = []
+        for d in deliveries:
+            held = self._release(d)
+            if held is None:
+                continue
+            if held.pack is None:
+                messages.append(held.message)
+            else:
+                held.pack.left -= 1
+                if held.pack.left == 0:
+                    messages.append(held.message)
         if messages:
             await self._acks.submit(messages)
 
@@ -818,24 +1013,34 @@ class _AmqpSubscription(Subscription):
         held = self._release(delivery)
         if held is None:
             return  # lease already lost; the message was (or will be) redelivered anyway
-        if delay <= 0:
+        if delay <= 0 and held.pack is None:
             await self._settle(held.message, partial(held.message.reject, requeue=True), "rejecting")
             return
+        if delay <= 0 and not _channel_open(held.message):
+            return  # the channel is gone: the pack comes back whole
         route = delivery.route or held.message.routing_key or ""
+        headers = {DELIVERIES_HEADER: delivery.deliveries, ROUTE_HEADER: route}
         try:
-            headers = {DELIVERIES_HEADER: delivery.deliveries, ROUTE_HEADER: route}
-            await self.transport._park("@" + self.group, held.message.body, headers, delay)
+            if delay > 0:
+                await self.transport._park("@" + self.group, held.body, headers, delay)
+            else:  # one message of a pack cannot be rejected: a copy goes back
+                await self._republish([held.body], headers, "giving back a message of a pack")
         except TransportError:
-            self._hold(delivery.handle, held.message, self.lease)  # so it still comes back
+            held.timer = self._lease_timer(delivery.handle, self.lease)  # so it still comes back
+            self._held[delivery.handle] = held
             raise
-        await self._settle(held.message, held.message.ack, "acking a delayed message")
+        if held.pack is None:
+            await self._settle(held.message, held.message.ack, "acking a delayed message")
+        else:
+            await self._count_settled(held.pack, 1, "acking a pack whose messages are settled")
 
     async def extend(self, deliveries: Sequence[Delivery], lease: float) -> None:
         """Push the lease of these deliveries ``lease`` seconds from now."""
         for d in deliveries:
             held = self._release(d)
             if held is not None:
-                self._hold(d.handle, held.message, lease)
+                held.timer = self._lease_timer(d.handle, lease)
+                self._held[d.handle] = held
 
     async def close(self) -> None:
         """Stop consuming; closing the channel gives every unacked message back at once."""
@@ -844,13 +1049,24 @@ class _AmqpSubscription(Subscription):
         self._closed = True
         self._arrived.set()
         self.transport._subscriptions.discard(self)
+        unsettled: dict[_Pack, tuple[list[bytes], list[bytes]]] = {}  # handed out, waiting
         for held in self._held.values():
             held.timer.cancel()
+            if held.pack is not None:
+                unsettled.setdefault(held.pack, ([], []))[0].append(held.body)
+        for _, body, pack in self._buffer:
+            if pack is not None:
+                unsettled.setdefault(pack, ([], []))[1].append(body)
         self._held.clear()
         self._buffer.clear()
+        self._packs.clear()
+        if self._aging is not None:
+            self._aging.cancel()
         await self._acks.drain(self.transport.options.timeout)  # acks under way go out first
         if self._returns:
             await asyncio.gather(*self._returns, return_exceptions=True)
+        for pack, (handed_out, waiting) in unsettled.items():
+            await self._close_pack(pack, handed_out, waiting)
         if self._consumer_tag is not None and self.transport.connected:
             # A round trip before the close: a quorum queue drops the settlements a
             # channel had not passed on yet when it closes (acked, yet redelivered).
@@ -859,6 +1075,18 @@ class _AmqpSubscription(Subscription):
                     await self._queue.cancel(self._consumer_tag)
         async with self.transport._talking(f"closing the consumer of {self._queue.name!r}"):
             await self._channel.close()
+
+
+def _so_far(message: AbstractIncomingMessage, *, delivered: bool = False) -> dict[str, Any]:
+    """Headers for copies of ``message``'s contents put back: the route, and the deliveries
+    so far (a copy's own count starts again): before this one, or with this one if they
+    were ``delivered`` (handed out)."""
+    headers = message.headers or {}
+    return {
+        DELIVERIES_HEADER: count(headers.get(DELIVERIES_HEADER)) + count(headers.get("x-delivery-count"))
+        + delivered,
+        ROUTE_HEADER: text(headers.get(ROUTE_HEADER)) or message.routing_key or "",
+    }
 
 
 def _channel_open(message: AbstractIncomingMessage) -> bool:

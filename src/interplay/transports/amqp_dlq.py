@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Any
 from aio_pika.abc import AbstractIncomingMessage, AbstractRobustChannel, AbstractRobustConnection
 
 from ..errors import TransportError
+from .amqp_pack import PACK_TYPE, unpack
 from .base import Abandoned, AbandonedSink
 
 if TYPE_CHECKING:
@@ -119,7 +120,7 @@ class DeadLetterRescue:
                              group, route, deliveries)
             return
         copy = {DELIVERIES_HEADER: deliveries, ROUTE_HEADER: route, RESCUES_HEADER: rescues + 1}
-        if await self._until_published(t.options.exchange, "@" + group, message.body, copy, f"back to {group!r}"):
+        if await self._until_published(t.options.exchange, "@" + group, _bodies(message), copy, f"back to {group!r}"):
             await self._park(message, headers, f"service {group!r} has no queue", group, route, deliveries)
             return
         await self._quietly(message.ack, "acking a dead letter handed back")  # if not: handed back twice
@@ -145,14 +146,15 @@ class DeadLetterRescue:
         if self.sink is not None:
             log.warning("a message in %r is dead-lettered into the store: %s", t.dlq_name, why)
             try:
-                await self._until_taken(Abandoned(message.body, route, group, why, deliveries))
+                for body in _bodies(message):  # a crash meanwhile: recorded twice, the second dropped
+                    await self._until_taken(Abandoned(body, route, group, why, deliveries))
             except _NoSink:
                 pass  # parked below instead
             else:
                 await self._quietly(message.ack, "acking an abandoned dead letter")
                 return
         log.warning("a message in %r is parked in %r: %s", t.dlq_name, t.parked_name, why)
-        if await self._until_published("", t.parked_name, message.body, {**headers, PARKED_HEADER: why}, "parking"):
+        if await self._until_published("", t.parked_name, _bodies(message), {**headers, PARKED_HEADER: why}, "parking"):
             log.error("%r is missing: the message stays in %r", t.parked_name, t.dlq_name)
             return  # unacked: back in :dlq when this channel closes
         await self._quietly(message.ack, "acking a parked dead letter")
@@ -166,7 +168,8 @@ class DeadLetterRescue:
         if route == t.parked_name:
             route = ""  # parked by queue name, and nothing says the route it came by
         try:
-            await self._until_taken(Abandoned(message.body, route, group, why, deliveries))
+            for body in _bodies(message):
+                await self._until_taken(Abandoned(body, route, group, why, deliveries))
         except _NoSink:
             return  # unacked: it stays parked when this channel closes
         await self._quietly(message.ack, "acking a parked message recorded")
@@ -191,13 +194,17 @@ class DeadLetterRescue:
                 await asyncio.sleep(delay)
                 delay = min(_MAX_BACKOFF, delay * 2)
 
-    async def _until_published(self, exchange: str, key: str, body: bytes, headers: dict[str, Any], what: str) -> bool:
-        """Publish until RabbitMQ confirms (backing off); True if it returned it unroutable."""
+    async def _until_published(
+        self, exchange: str, key: str, bodies: list[bytes], headers: dict[str, Any], what: str
+    ) -> bool:
+        """Publish each of ``bodies`` until RabbitMQ confirms (backing off); True if it
+        returned them unroutable."""
         delay = self.transport.options.reconnect_interval
         while True:
             try:
-                (returned,) = await self.transport._publish_all(exchange, [(key, body, headers)], f"dead letter {what}")
-                return returned
+                returned = await self.transport._publish_all(
+                    exchange, [(key, body, headers, None) for body in bodies], f"dead letter {what}")
+                return any(returned)
             except TransportError as exc:
                 log.warning("handing a dead letter %s failed (retrying in %.1fs): %s", what, delay, exc)
                 await asyncio.sleep(delay)
@@ -214,6 +221,13 @@ class DeadLetterRescue:
 
 class _NoSink(Exception):
     """The sink was taken away (its runtime closed) while a message waited for it."""
+
+
+def _bodies(message: AbstractIncomingMessage) -> list[bytes]:
+    """The messages ``message`` carries: those of a pack, else its body."""
+    if message.type == PACK_TYPE and (bodies := unpack(message.body)) is not None:
+        return bodies
+    return [message.body]
 
 
 def _death(headers: dict[str, Any]) -> dict[str, Any]:
