@@ -89,6 +89,24 @@ async def kill(t: AmqpTransport, sub: Subscription) -> None:
     await t._connection.close()
 
 
+@contextlib.contextmanager
+def counting_publishes(t: Transport) -> Iterator[list[Any]]:
+    """The publish calls ``t`` makes meanwhile, each its list of messages."""
+    assert isinstance(t, AmqpTransport)
+    calls: list[Any] = []
+    publish_all = t._publish_all
+
+    async def counted(exchange: str, items: Any, what: str) -> list[bool]:
+        calls.append(items)
+        return await publish_all(exchange, items, what)
+
+    t._publish_all = counted  # type: ignore[method-assign]
+    try:
+        yield calls
+    finally:
+        t._publish_all = publish_all  # type: ignore[method-assign]
+
+
 class TestAmqpTransport(TransportContract):
     @pytest.fixture(autouse=True)
     async def _own_exchange(self) -> AsyncIterator[None]:
@@ -483,20 +501,47 @@ class TestAmqpTransport(TransportContract):
     async def test_a_busy_consumer_hands_back_the_messages_of_a_pack_it_cannot_start(
         self, connect_bus: Connect, names: dict[str, str]
     ) -> None:
-        # Packs must not let one consumer hoard work: what it has not started within a
-        # second goes back to the queue, for any consumer of the group.
+        # Packs must not let one consumer hoard a group's work: what it has not started
+        # within a second goes back to the queue once another consumer is there - not
+        # while it is the only one (they would come straight back to it).
         busy, idle = await connect_bus(), await connect_bus()
         s_busy = await busy.subscribe(names["g1"], [names["route"]], lease=10)
         assert await s_busy.receive(2, 0.1) == []  # consuming, two at a time
         await busy.publish([outgoing(names["route"], n) for n in range(6)])
         first = await drain(s_busy, 2, ack=False)
-        s_idle = await idle.subscribe(names["g1"], [names["route"]], lease=10)
-        rest = await drain(s_idle, 4, timeout=8)
+        with counting_publishes(busy) as published:
+            await asyncio.sleep(2.5)
+            assert published == []  # alone: the other four wait where they are
+            s_idle = await idle.subscribe(names["g1"], [names["route"]], lease=10)
+            rest = await drain(s_idle, 4, timeout=12)
+        assert published  # handed back
         assert sorted(numbers(first + rest)) == list(range(6))
         assert {d.deliveries for d in rest} == {1}  # never handed out: not a delivery
         await s_busy.ack(first)
+        assert await s_idle.receive(10, 1.5) == []
         await s_busy.close()
         await s_idle.close()
+        assert await queued(busy.queue_name(names["g1"])) == 0  # type: ignore[attr-defined]
+
+    async def test_closing_puts_back_what_of_a_pack_is_not_settled_and_acks_it(
+        self, connect_bus: Connect, names: dict[str, str]
+    ) -> None:
+        # One message acked, one handed out and not, four never handed out: those five
+        # come again (the handed-out one as a second delivery), the acked one not.
+        t = await connect_bus()
+        sub = await t.subscribe(names["g1"], [names["route"]], lease=10)
+        await t.publish([outgoing(names["route"], n) for n in range(6)])
+        acked, held = await drain(sub, 2, ack=False)
+        await sub.ack([acked])
+        await sub.close()
+        other = await t.subscribe(names["g1"], [names["route"]], lease=10)
+        again = await drain(other, 5)
+        assert sorted(numbers(again)) == sorted(set(range(6)) - set(numbers([acked])))
+        assert {n: d.deliveries for n, d in zip(numbers(again), again, strict=True)} == {
+            n: 2 if [n] == numbers([held]) else 1 for n in numbers(again)}
+        assert await other.receive(10, 1.0) == []
+        await other.close()
+        assert await queued(t.queue_name(names["g1"])) == 0  # type: ignore[attr-defined]
 
     async def test_a_dead_lettered_pack_goes_back_to_its_group_message_by_message(self) -> None:
         t = AmqpTransport(amqp_url(self.exchange))

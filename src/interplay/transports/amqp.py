@@ -34,13 +34,16 @@ of them within 256 KiB; the consumer hands them out one by one and acks the pack
 the last one settled. One of them cannot be rejected alone, so what would be: a copy
 goes back to ``@<group>`` (``nack``, an expired lease: its delivery counted), and then
 counts as settled. Packs must not let one consumer hoard a group's work: what of a pack
-waited unstarted ``_PACK_HOLD`` (1 s) goes back to the queue, for any consumer. A pack
-that comes back (its consumer died or was cut off holding it) is split: each message
-published again on its own, so that one that kills its consumer goes on alone; closing
-a subscription puts back what of a pack is not settled, so that what was acked of it
-does not come again. What packs cost: a message handed back goes to the queue's end
-(not its place), and a consumer that dies holding a pack hands its acked messages out
-again too (the inbox drops them).
+waited unstarted ``_PACK_HOLD`` (1 s) goes back to the queue for any consumer - unless
+RabbitMQ counts no other consumer of the queue (it would come straight back); a pack
+handed back waits twice as long at its next consumer (so a backlog shared by busy
+consumers is not republished every second). A pack that comes back (its consumer died
+or was cut off holding it) is split: each message published again on its own, so that
+one that kills its consumer goes on alone; closing a subscription puts back what of a
+pack is not settled (in the queue again ``_CLOSE_DELAY``, 1 s, later), so that what was
+acked of it does not come again. What packs cost: a message handed back goes to the
+queue's end (not its place), and a consumer that dies holding a pack hands its acked
+messages out again too (the inbox drops them).
 
 Deliveries: ``x-delivery-count`` + 1, plus what a delayed copy carries in its
 ``interplay-deliveries`` header. Leases are emulated (RabbitMQ has no visibility
@@ -118,6 +121,10 @@ _Properties = spec.Basic.Properties
 _Publish = tuple[str, bytes, "dict[str, Any] | None", "str | None"]  # routing key, body, headers, type
 _PACK_BYTES = 256 * 1024  # a pack's body at most; a larger message goes alone
 _PACK_HOLD = 1.0  # seconds a pack's message waits unstarted before it goes back to the queue
+_MAX_HOLD = 30.0  # ... doubling each time it went back, up to this
+_CLOSE_DELAY = 1.0  # seconds until what a closing consumer put back of its packs is in the queue again
+HANDBACKS_HEADER = "interplay-handbacks"
+"""How many times a pack's messages went back to the queue unstarted."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -516,13 +523,21 @@ class AmqpTransport(Transport):
 
     async def _park(self, key: str, body: bytes, headers: dict[str, Any], delay: float) -> None:
         """Publish ``body`` to the exchange under ``key`` after ``delay`` seconds."""
+        await self._park_all([(key, body, headers, None)], delay)
+
+    async def _park_all(self, items: Sequence[_Publish], delay: float) -> None:
+        """Publish ``items`` to the exchange after ``delay`` seconds, all confirmed.
+
+        Raises:
+            TransportError: not confirmed, or the delay queue is gone.
+        """
         self._ready()
         level = delay_level(delay)
         await self._declare_level(level)
-        (returned,) = await self._publish_all(
-            self._delay_exchange, [(key, body, {**headers, DELAY_HEADER: str(level)}, None)], f"delaying {key!r}"
-        )
-        if returned:  # the level queue vanished under us: forget it so the next try re-declares
+        returned = await self._publish_all(self._delay_exchange, [
+            (key, body, {**(headers or {}), DELAY_HEADER: str(level)}, kind) for key, body, headers, kind in items
+        ], f"delaying {len(items)} for {items[0][0]!r}")
+        if any(returned):  # the level queue vanished under us: forget it so the next try re-declares
             self._levels.pop(level, None)
             raise TransportError(f"the delay queue for {level} ms is missing")
 
@@ -668,7 +683,9 @@ class _Pack:
     waiting: int
     """Its messages still in the buffer, not handed out."""
     since: float
-    """When it arrived (loop time)."""
+    """When it arrived (loop time), or when it was last found waiting with no other consumer."""
+    hold: float
+    """How long its messages may wait unstarted before they go back to the queue."""
 
 
 @dataclass(slots=True)
@@ -700,7 +717,7 @@ class _AmqpSubscription(Subscription):
         self._arrived = asyncio.Event()
         self._held: dict[int, _Held] = {}
         self._packs: dict[_Pack, None] = {}  # packs with messages in the buffer, oldest first
-        self._aging: asyncio.TimerHandle | None = None
+        self._aging: asyncio.Task[None] | None = None
         self._tags: dict[AbstractChannel, _Tags] = {}  # per channel delivering to us (one at a time)
         self._acks: Coalescer[AbstractIncomingMessage] = Coalescer("amqp", self._ack_batch)
         self._returns: set[asyncio.Task[None]] = set()
@@ -714,14 +731,13 @@ class _AmqpSubscription(Subscription):
         if self._closed:
             return  # unacked: closing the channel gives it back
         if message.type == PACK_TYPE and (bodies := amqp_pack.unpack(message.body)) is not None:
-            if message.redelivered and await self._split(message, bodies):
+            if (message.redelivered and await self._split(message, bodies)) or self._closed:
                 return
-            loop = asyncio.get_running_loop()
-            pack = _Pack(message, len(bodies), len(bodies), loop.time())
+            handbacks = min(count((message.headers or {}).get(HANDBACKS_HEADER)), 5)
+            hold = min(_PACK_HOLD * 2**handbacks, _MAX_HOLD)
+            pack = _Pack(message, len(bodies), len(bodies), asyncio.get_running_loop().time(), hold)
             self._buffer.extend((message, body, pack) for body in bodies)
-            self._packs[pack] = None
-            if self._aging is None:
-                self._aging = loop.call_later(_PACK_HOLD, self._age)
+            self._waiting(pack)
         else:  # a pack that is not well-formed goes out whole, to be dead-lettered as undecodable
             self._buffer.append((message, message.body, None))
         self._arrived.set()
@@ -733,7 +749,8 @@ class _AmqpSubscription(Subscription):
         it is (what was handled of it already, the inbox drops).
         """
         try:
-            await self._republish(bodies, _so_far(message), "splitting a pack that came back", packed=False)
+            await self._put_back([self._copy([body], _so_far(message)) for body in bodies],
+                                 "splitting a pack that came back")
         except TransportError as exc:
             log.info("%s: %s; handling the pack whole", self.group, exc)
             return False
@@ -743,89 +760,135 @@ class _AmqpSubscription(Subscription):
             log.info("%s: acking a pack split up failed: %s", self.group, exc)
         return True
 
-    async def _republish(self, bodies: list[bytes], headers: dict[str, Any], what: str, *,
-                         packed: bool = True) -> None:
-        """Put ``bodies`` back in this group's queue: in a pack if several and ``packed``,
-        else each on its own.
+    def _copy(self, bodies: list[bytes], headers: dict[str, Any]) -> _Publish:
+        """A message putting ``bodies`` back in this group's queue: a pack if several."""
+        key = "@" + self.group
+        if len(bodies) > 1:
+            return key, amqp_pack.pack(bodies), headers, PACK_TYPE
+        return key, bodies[0], headers, None
+
+    async def _put_back(self, copies: list[_Publish], what: str) -> None:
+        """Publish ``copies`` (of :meth:`_copy`), all confirmed.
 
         Raises:
             TransportError: not confirmed, or the group's queue is gone.
         """
         t = self.transport
-        key = "@" + self.group
-        items: list[_Publish] = [(key, amqp_pack.pack(bodies), headers, PACK_TYPE)] if packed and len(bodies) > 1 \
-            else [(key, body, headers, None) for body in bodies]
-        if any(await t._publish_all(t.options.exchange, items, f"{what} on {self._queue.name!r}")):
+        if any(await t._publish_all(t.options.exchange, copies, f"{what} on {self._queue.name!r}")):
             raise TransportError(f"{what}: group {self.group!r} has no queue")
 
-    def _age(self) -> None:
-        """Hand back what waited unstarted longer than ``_PACK_HOLD`` in packs (so that
-        other consumers of the group get work a busy one cannot start)."""
-        self._aging = None
-        if self._closed or not self._packs:
-            return
+    def _waiting(self, pack: _Pack) -> None:
+        """``pack`` has messages in the buffer: watch how long they wait."""
+        self._packs[pack] = None
+        if self._aging is None or self._aging.done():
+            self._aging = asyncio.get_running_loop().create_task(self._age())
+
+    async def _age(self) -> None:
+        """While packs wait in the buffer, hand back what of them waited unstarted longer
+        than their hold, so that other consumers of the group get work this one cannot
+        start yet; a pack handed back waits twice as long at its next consumer. Nothing
+        goes back while this is the group's only consumer (it would come straight back)."""
         loop = asyncio.get_running_loop()
-        now = loop.time()
-        due: dict[_Pack, list[bytes]] = {}
-        for pack in self._packs:  # oldest first
-            if pack.since + _PACK_HOLD > now:
-                break
-            due[pack] = []
-        if due:
+        while self._packs and not self._closed:
+            wait = min(p.since + p.hold for p in self._packs) - loop.time()
+            if wait > 0:
+                await asyncio.sleep(wait)
+                continue
+            alone = await self._alone()
+            now = loop.time()
+            due = [p for p in self._packs if p.since + p.hold <= now]
+            if alone:
+                for pack in due:  # looked at again after another hold
+                    del self._packs[pack]
+                    pack.since = now
+                    self._packs[pack] = None
+                continue
+            bodies: dict[_Pack, list[bytes]] = {p: [] for p in due}
             kept: deque[_Buffered] = deque()
             for entry in self._buffer:
-                if entry[2] is not None and (bodies := due.get(entry[2])) is not None:
-                    bodies.append(entry[1])
+                if entry[2] is not None and (mine := bodies.get(entry[2])) is not None:
+                    mine.append(entry[1])
                 else:
                     kept.append(entry)
             self._buffer = kept
-            for pack, bodies in due.items():
+            for pack in due:
                 del self._packs[pack]
                 pack.waiting = 0
-                self._background(self._hand_back(pack, bodies))
-        if self._packs:
-            first = next(iter(self._packs))
-            self._aging = loop.call_at(first.since + _PACK_HOLD, self._age)
+            await self._hand_back(bodies)
 
-    async def _hand_back(self, pack: _Pack, bodies: list[bytes]) -> None:
-        if not bodies or not _channel_open(pack.message):
-            return  # its channel is gone: the pack comes back whole
+    async def _alone(self) -> bool:
+        """Whether this is the group's only consumer, as RabbitMQ counts them now (True if
+        it cannot tell: then nothing goes back yet)."""
+        assert self.transport._admin is not None
         try:
-            await self._republish(bodies, _so_far(pack.message), "handing back messages not started")
+            async with self.transport._talking(f"counting the consumers of {self._queue.name!r}"):
+                channel = await self.transport._admin.get_underlay_channel()
+                declared = await channel.queue_declare(self._queue.name, passive=True)
         except TransportError as exc:
-            if not _channel_open(pack.message) or self._closed:
-                return  # the pack is redelivered whole
+            log.debug("%s: %s", self.group, exc)
+            return True
+        return (declared.consumer_count or 0) <= 1
+
+    async def _hand_back(self, packs: dict[_Pack, list[bytes]]) -> None:
+        """Publish the unstarted ``packs`` messages again, a pack each; then count them settled.
+        If that fails, they wait here again (if their channel is gone, the pack comes back
+        whole anyway)."""
+        packs = {p: bodies for p, bodies in packs.items() if bodies and _channel_open(p.message)}
+        if not packs:
+            return
+        copies = [self._copy(bodies, {**_so_far(pack.message), HANDBACKS_HEADER: 1 + count(
+            (pack.message.headers or {}).get(HANDBACKS_HEADER))}) for pack, bodies in packs.items()]
+        try:
+            await self._put_back(copies, "handing back messages not started")
+        except TransportError as exc:
+            if self._closed:
+                return  # their packs come back whole
             log.info("%s: %s; they wait here again", self.group, exc)
-            loop = asyncio.get_running_loop()
-            pack.waiting, pack.since = len(bodies), loop.time()
-            self._buffer.extend((pack.message, body, pack) for body in bodies)
-            self._packs[pack] = None
-            if self._aging is None:
-                self._aging = loop.call_later(_PACK_HOLD, self._age)
+            now = asyncio.get_running_loop().time()
+            for pack, bodies in packs.items():
+                if _channel_open(pack.message):
+                    pack.waiting, pack.since = len(bodies), now
+                    self._buffer.extend((pack.message, body, pack) for body in bodies)
+                    self._waiting(pack)
             self._arrived.set()
             return
-        await self._count_settled(pack, len(bodies), "acking a pack handed back")
+        await asyncio.gather(*(self._count_settled(pack, len(bodies)) for pack, bodies in packs.items()))
 
-    async def _close_pack(self, pack: _Pack, handed_out: list[bytes], waiting: list[bytes]) -> None:
-        """On close: put back what of ``pack`` is not settled, then ack it - so that what was
-        acked of it does not come again. If that fails (or something of it is unaccounted
-        for), closing the channel gives the whole pack back (the inbox drops what was handled)."""
-        if not _channel_open(pack.message) or not self.transport.connected:
+    async def _close_packs(self, packs: dict[_Pack, tuple[list[bytes], list[bytes]]]) -> None:
+        """On close: put back what of ``packs`` is not settled (handed out, waiting), then ack
+        them - so that what was acked of them does not come again. If that fails, closing
+        the channel gives the packs back whole (the inbox drops what was handled).
+
+        The copies go back through a delay queue (``_CLOSE_DELAY``): straight into the
+        group's queue, they would come to this consumer, still consuming until the acks
+        are in, and back from it with their count raised. (The acks are in once the
+        consumer is cancelled, a round trip; acks after a cancel RabbitMQ may drop.)"""
+        t = self.transport
+        packs = {p: unsettled for p, unsettled in packs.items() if _channel_open(p.message)}
+        if not packs or not t.connected:
             return
+        copies = [self._copy(bodies, _so_far(pack.message, delivered=delivered))
+                  for pack, (handed_out, waiting) in packs.items()
+                  for bodies, delivered in ((handed_out, True), (waiting, False)) if bodies]
         try:
-            for bodies, delivered in ((handed_out, True), (waiting, False)):
-                if bodies:
-                    await self._republish(bodies, _so_far(pack.message, delivered=delivered),
-                                          "putting back the unsettled messages of a pack")
-                    await self._count_settled(pack, len(bodies), "acking a pack put back")
+            await t._park_all(copies, _CLOSE_DELAY)
         except TransportError as exc:
-            log.info("%s: %s; the pack comes back whole", self.group, exc)
+            log.info("%s: putting back the unsettled messages of packs failed (they come back whole): %s",
+                     self.group, exc)
+            return
+        await asyncio.gather(*(self._count_settled(pack, len(handed_out) + len(waiting))
+                               for pack, (handed_out, waiting) in packs.items()))  # acked together
 
-    async def _count_settled(self, pack: _Pack, n: int, what: str) -> None:
-        """``n`` messages of ``pack`` are settled; ack it when that was the last."""
+    async def _count_settled(self, pack: _Pack, n: int) -> None:
+        """``n`` messages of ``pack`` are settled; ack it with the last. (If that ack fails, a
+        later ``multiple`` ack may cover it; else the pack comes back when the channel
+        closes, and is split: the inbox drops what was handled.)"""
         pack.left -= n
         if pack.left == 0:
-            await self._settle(pack.message, pack.message.ack, what)
+            try:
+                await self._acks.submit([pack.message])
+            except TransportError as exc:
+                log.info("%s: acking a pack whose messages are settled failed: %s", self.group, exc)
 
     def _background(self, work: Coroutine[Any, Any, None]) -> None:
         task = asyncio.get_running_loop().create_task(work)
@@ -905,14 +968,15 @@ class _AmqpSubscription(Subscription):
         if not _channel_open(held.message):
             return  # the channel is gone: the pack comes back whole
         try:
-            await self._republish([held.body], _so_far(held.message, delivered=True), "returning an expired lease")
+            await self._put_back([self._copy([held.body], _so_far(held.message, delivered=True))],
+                                 "returning an expired lease")
         except TransportError as exc:
             if _channel_open(held.message) and not self._closed:
                 log.info("%s: %s; trying again after another lease", self.group, exc)
                 held.timer = self._lease_timer(token, self.lease)
                 self._held[token] = held
             return
-        await self._count_settled(held.pack, 1, "acking a pack whose messages are settled")
+        await self._count_settled(held.pack, 1)
 
     def _release(self, delivery: Delivery) -> _Held | None:
         held = self._held.pop(delivery.handle, None) if isinstance(delivery.handle, int) else None
@@ -1024,15 +1088,16 @@ class _AmqpSubscription(Subscription):
             if delay > 0:
                 await self.transport._park("@" + self.group, held.body, headers, delay)
             else:  # one message of a pack cannot be rejected: a copy goes back
-                await self._republish([held.body], headers, "giving back a message of a pack")
-        except TransportError:
-            held.timer = self._lease_timer(delivery.handle, self.lease)  # so it still comes back
-            self._held[delivery.handle] = held
+                await self._put_back([self._copy([held.body], headers)], "giving back a message of a pack")
+        except BaseException:  # failed or cancelled: the message is still ours, and still comes back
+            if not self._closed:
+                held.timer = self._lease_timer(delivery.handle, self.lease)
+                self._held[delivery.handle] = held
             raise
         if held.pack is None:
             await self._settle(held.message, held.message.ack, "acking a delayed message")
         else:
-            await self._count_settled(held.pack, 1, "acking a pack whose messages are settled")
+            await self._count_settled(held.pack, 1)
 
     async def extend(self, deliveries: Sequence[Delivery], lease: float) -> None:
         """Push the lease of these deliveries ``lease`` seconds from now."""
@@ -1049,6 +1114,9 @@ class _AmqpSubscription(Subscription):
         self._closed = True
         self._arrived.set()
         self.transport._subscriptions.discard(self)
+        if self._aging is not None:  # a hand-back under way: its packs are not acked, they come back whole
+            self._aging.cancel()
+            await asyncio.gather(self._aging, return_exceptions=True)
         unsettled: dict[_Pack, tuple[list[bytes], list[bytes]]] = {}  # handed out, waiting
         for held in self._held.values():
             held.timer.cancel()
@@ -1060,13 +1128,10 @@ class _AmqpSubscription(Subscription):
         self._held.clear()
         self._buffer.clear()
         self._packs.clear()
-        if self._aging is not None:
-            self._aging.cancel()
         await self._acks.drain(self.transport.options.timeout)  # acks under way go out first
         if self._returns:
             await asyncio.gather(*self._returns, return_exceptions=True)
-        for pack, (handed_out, waiting) in unsettled.items():
-            await self._close_pack(pack, handed_out, waiting)
+        await self._close_packs(unsettled)
         if self._consumer_tag is not None and self.transport.connected:
             # A round trip before the close: a quorum queue drops the settlements a
             # channel had not passed on yet when it closes (acked, yet redelivered).
