@@ -437,6 +437,20 @@ class TestAmqpTransport(TransportContract):
         assert sorted(numbers(await drain(sub, 6))) == list(range(6))  # the refused caller's other one too
         await sub.close()
 
+    async def test_a_message_over_max_body_is_refused_before_anything_is_sent(self, names: dict[str, str]) -> None:
+        # RabbitMQ would close the publishing channel on it, failing the whole batch.
+        t = AmqpTransport(amqp_url(self.exchange, max_body=1000))
+        await t.open(SystemClock())
+        self.opened.append(t)
+        try:
+            assert t.body_limit() == 1000
+            await t.declare(names["g1"], [names["route"]])
+            with pytest.raises(TransportError, match="too large"):
+                await t.publish([outgoing(names["route"], 1), outgoing(names["route"], 2, size=1000)])
+            assert await queued(t.queue_name(names["g1"])) == 0
+        finally:
+            await t.close()
+
     # ------------------------------------------------------------------ packs
     @pytest.mark.parametrize(("pack", "messages"), [(64, 1), (4, 3), (1, 10)])
     async def test_messages_of_one_route_published_together_travel_as_packs(
@@ -623,16 +637,17 @@ def test_delay_levels_round_up_never_down(seconds: float, level_ms: int) -> None
 
 def test_url_options_are_parsed_and_the_rest_goes_to_the_driver() -> None:
     options, driver_url = AmqpOptions.from_url(
-        "amqp://u:secret@h:5673/vh?exchange=shop&prefetch=16&delivery_limit=0&heartbeat=30&timeout=2.5"
+        "amqp://u:secret@h:5673/vh?exchange=shop&prefetch=16&delivery_limit=0&heartbeat=30&timeout=2.5&pack=8"
+        "&max_body=1000"
     )
-    assert options == AmqpOptions(exchange="shop", prefetch=16, delivery_limit=0, timeout=2.5)
+    assert options == AmqpOptions(exchange="shop", prefetch=16, delivery_limit=0, timeout=2.5, pack=8, max_body=1000)
     assert driver_url == "amqp://u:secret@h:5673/vh?heartbeat=30"
     assert redact("amqp://u:secret@h:5673/vh?x=1") == "amqp://u:***@h:5673/vh?x=1"
     assert redact("amqp://h/") == "amqp://h/"
 
 
 @pytest.mark.parametrize(
-    "query", ["prefetch=many", "prefetch=0", "exchange=amq.topic", "exchange=", "timeout=0"]
+    "query", ["prefetch=many", "prefetch=0", "exchange=amq.topic", "exchange=", "timeout=0", "pack=0", "max_body=0"]
 )
 def test_bad_url_options_are_configuration_errors(query: str) -> None:
     with pytest.raises(ConfigurationError):

@@ -236,8 +236,8 @@ async def test_a_message_never_settled_is_dead_lettered_after_max_deliveries(bus
     assert flow.status == "failed"
 
 
-@pytest.mark.buses("nats")  # the bus with a size it always refuses past (max_payload, 1 MiB here)
-async def test_a_message_too_large_for_the_bus_is_refused_before_it_is_stored(bus: Bus) -> None:
+@pytest.mark.buses("nats", "amqp")  # the buses with a size they always refuse past (max_payload, 1 MiB here;
+async def test_a_message_too_large_for_the_bus_is_refused_before_it_is_stored(bus: Bus) -> None:  # max_body)
     # Committed to the outbox, it would be relayed and refused forever; refused before
     # the commit, the publisher gets a clear error and a handler's handling fails.
     app = App("big")
@@ -246,7 +246,8 @@ async def test_a_message_too_large_for_the_bus_is_refused_before_it_is_stored(bu
     async def inflate(task: dict[str, Any]) -> dict[str, Any]:
         return {"blob": "x" * (2 << 20)}
 
-    async with bus.run(app) as rt:
+    small = {"bus": f"{bus.target}&max_body={1 << 20}"} if bus.name == "amqp" else {}
+    async with bus.run(app, **small) as rt:
         with pytest.raises(MessageTooLarge, match=r"event 'task.created' is \d+ bytes; the bus takes at most"):
             await rt.publish("task.created", {"blob": "y" * (2 << 20)})
         flow_id = await rt.publish("task.created", {"n": 1})

@@ -147,6 +147,11 @@ class AmqpOptions:
     """Seconds an ephemeral group's queue survives without a consumer."""
     connect_timeout: float = 10.0
     """Seconds to wait for the first connection in ``open``."""
+    max_body: int = 16 * 1024 * 1024
+    """The largest message body to publish: RabbitMQ's ``max_message_size`` (16 MiB by
+    default from RabbitMQ 4, 128 MiB on 3.x). RabbitMQ answers a larger one by closing
+    the publishing channel, failing every publish under way; the runtime refuses it
+    before storing it instead (``MessageTooLarge``)."""
     pack: int = 64
     """Most messages of one route, published together, that travel as one AMQP message
     (a pack; 1 = each on its own, as a consumer of an interplay before packs needs)."""
@@ -168,9 +173,10 @@ class AmqpOptions:
         rest = [(key, value) for key, value in query if key not in types]
         if not options.exchange or options.exchange.startswith("amq.") or len(options.exchange) > 200:
             raise ConfigurationError(f"amqp:// option exchange={options.exchange!r} is not a usable exchange name")
-        if options.prefetch < 1 or options.delivery_limit < 0 or options.timeout <= 0 or options.pack < 1:
-            raise ConfigurationError(
-                "amqp:// options need prefetch >= 1, delivery_limit >= 0, timeout > 0, pack >= 1")
+        if (options.prefetch < 1 or options.delivery_limit < 0 or options.timeout <= 0 or options.pack < 1
+                or options.max_body < 1):
+            raise ConfigurationError("amqp:// options need prefetch >= 1, delivery_limit >= 0, timeout > 0, "
+                                     "pack >= 1, max_body >= 1")
         return options, urlunsplit(parts._replace(query=urlencode(rest)))
 
 
@@ -390,6 +396,10 @@ class AmqpTransport(Transport):
         """RabbitMQ's routing keys are at most 255 bytes."""
         return _MAX_ROUTING_KEY
 
+    def body_limit(self) -> int:
+        """The ``max_body`` option (RabbitMQ's ``max_message_size``)."""
+        return self.options.max_body
+
     def on_abandoned(self, sink: AbandonedSink | None) -> None:
         """Dead letters that cannot go back to their group go to ``sink``, not ``:parked``
         (see :mod:`~interplay.transports.amqp_dlq`); call before the first subscribe."""
@@ -426,10 +436,16 @@ class AmqpTransport(Transport):
         out to the groups bound to its route at that time.
 
         Raises:
-            TransportError: not connected, refused, or a batch not confirmed within
+            TransportError: not connected, a message too large (over ``max_body``:
+                nothing is published), refused, or a batch not confirmed within
                 ``timeout`` (ambiguous for every caller in it: retry with the same
                 message ids).
         """
+        for out in batch:
+            if len(out.body) > self.options.max_body:
+                raise TransportError(
+                    f"message for {out.route!r} too large: {len(out.body)} bytes, over max_body="
+                    f"{self.options.max_body} (RabbitMQ's max_message_size; or publish a reference to the data)")
         now = self._clock.now()
         later = [out for out in batch if out.visible_at is not None and out.visible_at > now]
         for out in later:
