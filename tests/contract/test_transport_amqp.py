@@ -21,6 +21,7 @@ from aio_pika.abc import AbstractIncomingMessage
 from interplay.clock import SystemClock
 from interplay.errors import ConfigurationError, TransportError
 from interplay.testing import wait_until
+from interplay.transports import amqp as amqp_module
 from interplay.transports import open_transport
 from interplay.transports.amqp import AmqpOptions, AmqpTransport, _Tags, delay_level, redact
 from interplay.transports.amqp_dlq import PARKED_HEADER, RESCUES_HEADER
@@ -450,6 +451,18 @@ class TestAmqpTransport(TransportContract):
             assert await queued(t.queue_name(names["g1"])) == 0
         finally:
             await t.close()
+
+    async def test_without_frame_batches_publishes_go_out_one_by_one_and_still_arrive(
+        self, connect_bus: Connect, names: dict[str, str], monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        # An aiormq without what _publish_frames uses: aiormq's own basic_publish per message.
+        monkeypatch.setattr(amqp_module, "_frames_batched", lambda channel: False)
+        t = await connect_bus()
+        sub = await t.subscribe(names["g1"], [names["route"]], lease=10)
+        await asyncio.gather(t.publish([outgoing(names["route"], n) for n in range(5)]),
+                             t.publish([outgoing(names["route"], 5)]))
+        assert sorted(numbers(await drain(sub, 6))) == list(range(6))
+        await sub.close()
 
     # ------------------------------------------------------------------ packs
     @pytest.mark.parametrize(("pack", "messages"), [(64, 1), (4, 3), (1, 10)])
