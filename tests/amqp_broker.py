@@ -31,9 +31,10 @@ async def dead_letter(exchange: str, body: bytes, headers: dict[str, Any], *, ty
     await _publish(f"{exchange}:dlx", "", body, headers, type)
 
 
-async def publish_raw(exchange: str, key: str, body: bytes, *, type: str | None = None) -> None:
+async def publish_raw(exchange: str, key: str, body: bytes, *, type: str | None = None,
+                      headers: dict[str, Any] | None = None) -> None:
     """Publish to ``exchange`` as some other client might."""
-    await _publish(exchange, key, body, {}, type)
+    await _publish(exchange, key, body, headers or {}, type)
 
 
 async def queued(queue_name: str) -> int:

@@ -23,9 +23,9 @@ from interplay.errors import ConfigurationError, TransportError
 from interplay.testing import wait_until
 from interplay.transports import amqp as amqp_module
 from interplay.transports import open_transport
-from interplay.transports.amqp import AmqpOptions, AmqpTransport, _Tags, delay_level, redact
+from interplay.transports.amqp import HANDBACKS_HEADER, AmqpOptions, AmqpTransport, _Tags, delay_level, redact
 from interplay.transports.amqp_dlq import PARKED_HEADER, RESCUES_HEADER
-from interplay.transports.amqp_pack import PACK_TYPE, pack
+from interplay.transports.amqp_pack import PACK_TYPE, pack, unpack
 from interplay.transports.base import Subscription, Transport
 
 from ..amqp_broker import BROKER, dead_letter, publish_raw, queued, take_all
@@ -449,6 +449,14 @@ class TestAmqpTransport(TransportContract):
             with pytest.raises(TransportError, match="too large"):
                 await t.publish([outgoing(names["route"], 1), outgoing(names["route"], 2, size=1000)])
             assert await queued(t.queue_name(names["g1"])) == 0
+            with pytest.raises(TransportError, match="too large"):  # any publish: a copy, a replay
+                await t.publish_to_group(names["g1"], names["route"], outgoing(names["route"], 3, size=1000).body)
+            small = [outgoing(names["route"], n) for n in range(10)]
+            await t.publish(small)  # in packs within max_body too
+            messages = await take_all(t.queue_name(names["g1"]))
+            assert all(len(m.body) <= 1000 for m in messages)
+            assert [b for m in messages for b in (unpack(m.body) if m.type == PACK_TYPE else None) or [m.body]] == [
+                out.body for out in small]
         finally:
             await t.close()
 
@@ -540,7 +548,7 @@ class TestAmqpTransport(TransportContract):
             await asyncio.sleep(2.5)
             assert published == []  # alone: the other four wait where they are
             s_idle = await idle.subscribe(names["g1"], [names["route"]], lease=10)
-            rest = await drain(s_idle, 4, timeout=12)
+            rest = await drain(s_idle, 4, timeout=20)  # a hand-back may come back to busy (it has room)
         assert published  # handed back
         assert sorted(numbers(first + rest)) == list(range(6))
         assert {d.deliveries for d in rest} == {1}  # never handed out: not a delivery
@@ -549,6 +557,23 @@ class TestAmqpTransport(TransportContract):
         await s_busy.close()
         await s_idle.close()
         assert await queued(busy.queue_name(names["g1"])) == 0  # type: ignore[attr-defined]
+
+    async def test_a_new_pack_is_handed_back_on_time_while_one_handed_back_often_waits_longer(
+        self, connect_bus: Connect, names: dict[str, str]
+    ) -> None:
+        busy, idle = await connect_bus(), await connect_bus()
+        s_busy = await busy.subscribe(names["g1"], [names["route"]], lease=10)
+        assert await s_busy.receive(4, 0.1) == []  # consuming
+        often = [outgoing(names["route"], n).body for n in (100, 101, 102)]
+        await publish_raw(self.exchange, names["route"], pack(often), type=PACK_TYPE,
+                          headers={HANDBACKS_HEADER: 5})  # it waits 30 s before going back again
+        (started,) = await drain(s_busy, 1, ack=False)
+        assert numbers([started]) == [100]
+        s_idle = await idle.subscribe(names["g1"], [names["route"]], lease=10)
+        assert await s_idle.receive(3, 0.1) == []  # consuming: another consumer to hand back to
+        await busy.publish([outgoing(names["route"], n) for n in range(3)])
+        assert sorted(numbers(await drain(s_idle, 3, timeout=15))) == [0, 1, 2]
+        await s_busy.ack([started])
 
     async def test_closing_puts_back_what_of_a_pack_is_not_settled_and_acks_it(
         self, connect_bus: Connect, names: dict[str, str]

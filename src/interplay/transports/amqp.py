@@ -36,8 +36,9 @@ goes back to ``@<group>`` (``nack``, an expired lease: its delivery counted), an
 counts as settled. Packs must not let one consumer hoard a group's work: what of a pack
 waited unstarted ``_PACK_HOLD`` (1 s) goes back to the queue for any consumer - unless
 RabbitMQ counts no other consumer of the queue (it would come straight back); a pack
-handed back waits twice as long at its next consumer (so a backlog shared by busy
-consumers is not republished every second). A pack that comes back (its consumer died
+handed back waits twice as long at its next consumer (RabbitMQ may give it to a consumer
+with no room for more, even the same one: so a backlog shared by busy consumers is not
+republished every second). A pack that comes back (its consumer died
 or was cut off holding it) is split: each message published again on its own, so that
 one that kills its consumer goes on alone; closing a subscription puts back what of a
 pack is not settled (in the queue again ``_CLOSE_DELAY``, 1 s, later), so that what was
@@ -240,6 +241,7 @@ class AmqpTransport(Transport):
         self._connection: AbstractRobustConnection | None = None
         self._publisher: AbstractRobustChannel | None = None  # confirms; owns the exchanges
         self._admin: AbstractRobustChannel | None = None  # declarations: a refusal closes only it
+        self._probe: AbstractRobustChannel | None = None  # counting a queue's consumers (a 404 closes it)
         self._publishes: Coalescer[tuple[str, bytes, int]] = Coalescer("amqp", self._publish_batch)
         self._ephemeral: set[str] = set()
         self._subscriptions: set[_AmqpSubscription] = set()
@@ -340,6 +342,13 @@ class AmqpTransport(Transport):
         with _translated(what):
             async with asyncio.timeout(self.options.timeout):
                 yield
+
+    async def _probe_channel(self) -> AbstractChannel:
+        """A channel of its own for passive declarations: one of a queue that is gone
+        closes it (aio-pika opens it again), not a channel anything else uses."""
+        if self._probe is None or self._probe.is_closed:
+            self._probe = await self._ready().channel(publisher_confirms=False)
+        return await self._probe.get_underlay_channel()
 
     def _ready(self) -> AbstractRobustConnection:
         if self._connection is None:
@@ -458,7 +467,8 @@ class AmqpTransport(Transport):
     async def _publish_batch(self, items: list[tuple[str, bytes, int]]) -> None:
         exchange = self.options.exchange
         bodies = [body for _, body, _ in items]
-        plan = amqp_pack.plan([route for route, _, _ in items], bodies, self.options.pack, _PACK_BYTES)
+        plan = amqp_pack.plan([route for route, _, _ in items], bodies, self.options.pack,
+                              min(_PACK_BYTES, self.options.max_body))
         messages: list[_Publish] = [
             (key, bodies[indices[0]], None, None) if len(indices) == 1
             else (key, amqp_pack.pack([bodies[i] for i in indices]), None, PACK_TYPE)
@@ -510,17 +520,24 @@ class AmqpTransport(Transport):
         """
         self._ready()
         assert self._publisher is not None
-        async with self._talking(f"{what} to {exchange!r}"):
-            channel = await self._publisher.get_underlay_channel()
-            confirms: Sequence[Awaitable[Any]]
-            if _frames_batched(channel):
-                confirms = await _publish_frames(channel, exchange, items)
-            else:  # gather starts the publishes in order: one route keeps its order
-                confirms = [channel.basic_publish(body, exchange=exchange, routing_key=key, mandatory=True,
-                                                  properties=_Properties(delivery_mode=_PERSISTENT, headers=headers,
-                                                                         message_type=kind))
-                            for key, body, headers, kind in items]
-            return await asyncio.gather(*confirms, return_exceptions=True)
+        limit = self.options.max_body  # a larger one RabbitMQ answers by closing the channel: it fails alone
+        fits = [item for item in items if len(item[1]) <= limit]
+        answers: list[Any] = []
+        if fits:
+            async with self._talking(f"{what} to {exchange!r}"):
+                channel = await self._publisher.get_underlay_channel()
+                confirms: Sequence[Awaitable[Any]]
+                if _frames_batched(channel):
+                    confirms = await _publish_frames(channel, exchange, fits)
+                else:  # gather starts the publishes in order: one route keeps its order
+                    confirms = [channel.basic_publish(body, exchange=exchange, routing_key=key, mandatory=True,
+                                                      properties=_Properties(delivery_mode=_PERSISTENT,
+                                                                             headers=headers, message_type=kind))
+                                for key, body, headers, kind in fits]
+                answers = await asyncio.gather(*confirms, return_exceptions=True)
+        fitting = iter(answers)
+        return [next(fitting) if len(body) <= limit else TransportError(
+            f"message for {key!r} too large: {len(body)} bytes, over max_body={limit}") for key, body, _, _ in items]
 
     def _note_unroutable(self, route: str, fanout: int) -> None:
         # Nobody bound to the route means no subscriber: on every bus such a message
@@ -734,6 +751,7 @@ class _AmqpSubscription(Subscription):
         self._held: dict[int, _Held] = {}
         self._packs: dict[_Pack, None] = {}  # packs with messages in the buffer, oldest first
         self._aging: asyncio.Task[None] | None = None
+        self._new_pack = asyncio.Event()  # wakes _age: a pack may be due sooner than it sleeps
         self._tags: dict[AbstractChannel, _Tags] = {}  # per channel delivering to us (one at a time)
         self._acks: Coalescer[AbstractIncomingMessage] = Coalescer("amqp", self._ack_batch)
         self._returns: set[asyncio.Task[None]] = set()
@@ -798,6 +816,8 @@ class _AmqpSubscription(Subscription):
         self._packs[pack] = None
         if self._aging is None or self._aging.done():
             self._aging = asyncio.get_running_loop().create_task(self._age())
+        else:
+            self._new_pack.set()
 
     async def _age(self) -> None:
         """While packs wait in the buffer, hand back what of them waited unstarted longer
@@ -806,9 +826,11 @@ class _AmqpSubscription(Subscription):
         goes back while this is the group's only consumer (it would come straight back)."""
         loop = asyncio.get_running_loop()
         while self._packs and not self._closed:
+            self._new_pack.clear()
             wait = min(p.since + p.hold for p in self._packs) - loop.time()
             if wait > 0:
-                await asyncio.sleep(wait)
+                with suppress(TimeoutError):
+                    await asyncio.wait_for(self._new_pack.wait(), wait)
                 continue
             alone = await self._alone()
             now = loop.time()
@@ -835,10 +857,9 @@ class _AmqpSubscription(Subscription):
     async def _alone(self) -> bool:
         """Whether this is the group's only consumer, as RabbitMQ counts them now (True if
         it cannot tell: then nothing goes back yet)."""
-        assert self.transport._admin is not None
         try:
             async with self.transport._talking(f"counting the consumers of {self._queue.name!r}"):
-                channel = await self.transport._admin.get_underlay_channel()
+                channel = await self.transport._probe_channel()
                 declared = await channel.queue_declare(self._queue.name, passive=True)
         except TransportError as exc:
             log.debug("%s: %s", self.group, exc)
@@ -856,7 +877,7 @@ class _AmqpSubscription(Subscription):
             (pack.message.headers or {}).get(HANDBACKS_HEADER))}) for pack, bodies in packs.items()]
         try:
             await self._put_back(copies, "handing back messages not started")
-        except TransportError as exc:
+        except Exception as exc:  # TransportError, or one RabbitMQ cannot take: they stay here
             if self._closed:
                 return  # their packs come back whole
             log.info("%s: %s; they wait here again", self.group, exc)
