@@ -10,7 +10,7 @@ acked once each of them is settled (see :class:`~interplay.transports.amqp.AmqpT
 for what happens to one of them that is nacked, outlives its lease, or waits unstarted).
 
 Measured on the benchmark's 3-hop choreography: half the client CPU per order and a
-sixth of RabbitMQ's (``benchmarks/brokers.py``).
+sixth or less of RabbitMQ's (``benchmarks/brokers.py``).
 """
 
 from __future__ import annotations
