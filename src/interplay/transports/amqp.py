@@ -38,13 +38,13 @@ waited unstarted ``_PACK_HOLD`` (1 s) goes back to the queue for any consumer - 
 RabbitMQ counts no other consumer of the queue (it would come straight back); a pack
 handed back waits twice as long at its next consumer (RabbitMQ may give it to a consumer
 with no room for more, even the same one: so a backlog shared by busy consumers is not
-republished every second). A pack that comes back (its consumer died
-or was cut off holding it) is split: each message published again on its own, so that
-one that kills its consumer goes on alone; closing a subscription puts back what of a
-pack is not settled (in the queue again ``_CLOSE_DELAY``, 1 s, later), so that what was
-acked of it does not come again. What packs cost: a message handed back goes to the
-queue's end (not its place), and a consumer that dies holding a pack hands its acked
-messages out again too (the inbox drops them).
+republished every second). A pack that comes back (its consumer died or was cut off
+holding it) is split: each message published again on its own, so that one that kills
+its consumer goes on alone. Closing a subscription puts back what of a pack is not
+settled (in the queue again ``_CLOSE_DELAY``, 1 s, later), so that what was acked of it
+does not come again. What packs cost: a message handed back goes to the queue's end
+(not its place), and a consumer that dies holding a pack hands its acked messages out
+again too (the inbox drops them).
 
 Deliveries: ``x-delivery-count`` + 1, plus what a delayed copy carries in its
 ``interplay-deliveries`` header. Leases are emulated (RabbitMQ has no visibility
@@ -119,7 +119,7 @@ _message_ids = itertools.count(1)  # with _PUBLISHER_ID: unique, and far cheaper
 _PUBLISHER_ID = f"ip-{uuid.uuid4().hex[:12]}-"
 _PERSISTENT = int(DeliveryMode.PERSISTENT)
 _Properties = spec.Basic.Properties
-_Publish = tuple[str, bytes, "dict[str, Any] | None", "str | None"]  # routing key, body, headers, type
+_Publish = tuple[str, bytes, dict[str, Any] | None, str | None]  # routing key, body, headers, AMQP type
 _PACK_BYTES = 256 * 1024  # a pack's body at most; a larger message goes alone
 _PACK_HOLD = 1.0  # seconds a pack's message waits unstarted before it goes back to the queue
 _MAX_HOLD = 30.0  # ... doubling each time it went back, up to this
