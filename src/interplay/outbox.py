@@ -16,10 +16,13 @@ publish - are published by the relay loop of any process sharing the store:
 * **Backoff.** A row whose publish failed is due again after ``outbox_relay_interval``
   seconds, doubling with each attempt up to ``outbox_retry_max`` (with jitter), instead
   of at every sweep.
-* **One bad row does not hold up the others.** When a batch fails, its rows are
-  published one by one: those the broker takes are done, only the ones it refuses wait
-  for their retry (a message too large for NATS, a Redis key of the wrong type). Two
-  refusals in a row look like the broker is down: the rest of the batch then waits too.
+* **One bad row does not hold up the others.** A row the bus would never take (larger
+  than its limit, or a route too long: the runtime refuses such messages before storing
+  them, so only one stored before a limit was lowered) is not sent but kept, retried
+  with backoff, an error logged each time: raise the limit and it goes. When a batch
+  fails, its rows are published one by one: those the broker takes are done, only the
+  ones it refuses wait for their retry (a Redis key of the wrong type). Two refusals in
+  a row look like the broker is down: the rest of the batch then waits too.
 """
 
 from __future__ import annotations
@@ -55,6 +58,8 @@ class OutboxRelay:
         """Messages this relay published (and had deleted from the outbox)."""
         self.failed = 0
         """Publish attempts of single rows that failed."""
+        self.kept = 0
+        """Times a row was not sent because the bus would never take it (too large)."""
 
     def backoff(self, attempts: int) -> float:
         """Seconds until a row that failed its ``attempts``-th relay is tried again."""
@@ -85,10 +90,18 @@ class OutboxRelay:
         failed: list[OutboxRow] = []
         for row in rows:
             try:
-                batch.append((row, Outgoing(message=Message.decode(row.body), route=row.route, body=row.body)))
+                out = Outgoing(message=Message.decode(row.body), route=row.route, body=row.body)
             except Exception as exc:  # written by interplay, so never expected; keep it, say so
                 log.error("outbox row %d (message %s to %s) cannot be decoded: %s", row.id, row.msg_id, row.route, exc)
                 failed.append(row)
+                continue
+            if (why := rt.too_large([out])) is not None:  # sent, it would fail its batch: kept aside
+                self.kept += 1
+                log.error("outbox: message %s to %s is kept, not published (attempt %d): %s", row.msg_id, row.route,
+                          row.attempts, why)
+                failed.append(row)
+                continue
+            batch.append((row, out))
         done, refused = await self._publish(batch, now + grace)
         failed.extend(refused)
         if done:

@@ -140,6 +140,27 @@ async def test_a_row_the_broker_refuses_does_not_hold_up_the_others(bus: Bus) ->
     assert handled == 10
 
 
+@pytest.mark.buses("nats", "amqp")
+async def test_rows_the_bus_would_never_take_are_kept_aside_not_sent(bus: Bus) -> None:
+    # Stored before the bus's limit was lowered: sent, each would fail its batch, and two
+    # in a row would make the relay take the broker to be down and hold the rest back.
+    app = audit_app()
+    small = {"bus": f"{bus.target}&max_body=100000"} if bus.name == "amqp" else {}
+    async with bus.run(app, outbox_relay_interval=3600, **small) as rt:  # this test sweeps itself
+        limit = rt.transport.body_limit()
+        assert limit is not None
+        good = [order(rt, i) for i in range(10)]
+        poison = [order(rt, 90 + i, note="x" * (limit + 1)) for i in range(2)]
+        ids = await leave_in_outbox(rt, [*good[:5], *poison, *good[5:]])
+        relay = OutboxRelay(rt)
+        assert await relay.sweep() == 10  # every good row in one sweep
+        assert (relay.failed, relay.kept) == (0, 2)  # the big ones never reached the bus
+        left = await rt.store.read(lambda tx: tx.all("SELECT id, attempts FROM ip_outbox ORDER BY id"))
+        assert [(int(i), int(a)) for i, a in left] == [(ids[5], 1), (ids[6], 1)]  # kept, retried later
+        await wait_until(lambda: _equals(count(rt, "SELECT COUNT(*) FROM ip_inbox WHERE grp = 'audit'"), 10),
+                         timeout=30, message="every good message handled")
+
+
 def test_retries_back_off_up_to_the_maximum() -> None:
     class Stub:
         options = RuntimeOptions(outbox_relay_interval=1.0, outbox_retry_max=60.0)
