@@ -595,6 +595,35 @@ class TestAmqpTransport(TransportContract):
         await other.close()
         assert await queued(t.queue_name(names["g1"])) == 0  # type: ignore[attr-defined]
 
+    async def test_closing_while_rabbitmq_takes_no_publishes_is_bounded_and_loses_nothing(
+        self, names: dict[str, str], monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        # As in a resource alarm (RabbitMQ blocks publishers): putting back what of a pack
+        # is unsettled never gets through. Close gives up after 2 timeouts; the channel's
+        # close gives the pack back whole (the inbox would drop the acked one).
+        t = AmqpTransport(amqp_url(self.exchange, timeout=0.5))
+        await t.open(SystemClock())
+        self.opened.append(t)
+        try:
+            sub = await t.subscribe(names["g1"], [names["route"]], lease=10)
+            await t.publish([outgoing(names["route"], n) for n in range(3)])
+            got = await drain(sub, 3, ack=False)
+            await sub.ack(got[:1])
+
+            async def blocked(*args: Any) -> None:
+                await asyncio.sleep(3600)
+
+            monkeypatch.setattr(t, "_park_all", blocked)
+            started = time.monotonic()
+            await asyncio.wait_for(sub.close(), 5)
+            assert time.monotonic() - started < 2.5
+            monkeypatch.undo()
+            other = await t.subscribe(names["g1"], [names["route"]], lease=10)
+            assert sorted(numbers(await drain(other, 3))) == [0, 1, 2]
+            await other.close()
+        finally:
+            await t.close()
+
     async def test_a_dead_lettered_pack_goes_back_to_its_group_message_by_message(self) -> None:
         t = AmqpTransport(amqp_url(self.exchange))
         await t.open(SystemClock())

@@ -124,6 +124,7 @@ _PACK_BYTES = 256 * 1024  # a pack's body at most; a larger message goes alone
 _PACK_HOLD = 1.0  # seconds a pack's message waits unstarted before it goes back to the queue
 _MAX_HOLD = 30.0  # ... doubling each time it went back, up to this
 _CLOSE_DELAY = 1.0  # seconds until what a closing consumer put back of its packs is in the queue again
+_CLOSE_GRACE = 2  # timeouts a closing consumer spends at most settling what is under way
 HANDBACKS_HEADER = "interplay-handbacks"
 """How many times a pack's messages went back to the queue unstarted."""
 
@@ -326,10 +327,13 @@ class AmqpTransport(Transport):
             TransportError: closing failed.
         """
         try:
-            for sub in list(self._subscriptions):
-                await sub.close()
+            closed = await asyncio.gather(*(sub.close() for sub in list(self._subscriptions)),
+                                          return_exceptions=True)  # side by side: each may wait on RabbitMQ
             await self._rescue.close()
             await self._publishes.drain(self.options.timeout)  # publishes under way are confirmed
+            for result in closed:
+                if isinstance(result, BaseException):
+                    raise result
         finally:
             connection, self._connection = self._connection, None
             if connection is not None:
@@ -1165,16 +1169,23 @@ class _AmqpSubscription(Subscription):
         self._held.clear()
         self._buffer.clear()
         self._packs.clear()
-        await self._acks.drain(self.transport.options.timeout)  # acks under way go out first
-        if self._returns:
-            await asyncio.gather(*self._returns, return_exceptions=True)
-        await self._close_packs(unsettled)
-        if self._consumer_tag is not None and self.transport.connected:
-            # A round trip before the close: a quorum queue drops the settlements a
-            # channel had not passed on yet when it closes (acked, yet redelivered).
-            with suppress(TransportError):  # closing gives everything back all the same
-                async with self.transport._talking(f"cancelling the consumer of {self._queue.name!r}"):
-                    await self._queue.cancel(self._consumer_tag)
+        timeout = self.transport.options.timeout
+        try:
+            async with asyncio.timeout(_CLOSE_GRACE * timeout):  # each step is bounded; so is their sum
+                await self._acks.drain(timeout)  # acks under way go out first
+                if self._returns:
+                    await asyncio.gather(*self._returns, return_exceptions=True)
+                await self._close_packs(unsettled)
+                if self._consumer_tag is not None and self.transport.connected:
+                    # A round trip before the close: a quorum queue drops the settlements a
+                    # channel had not passed on yet when it closes (acked, yet redelivered).
+                    with suppress(TransportError):  # closing gives everything back all the same
+                        async with self.transport._talking(f"cancelling the consumer of {self._queue.name!r}"):
+                            await self._queue.cancel(self._consumer_tag)
+        except TimeoutError:
+            self._acks.cancel()
+            log.warning("%s: settling what was under way took over %.0f s; closing the channel gives it back",
+                        self.group, _CLOSE_GRACE * timeout)
         async with self.transport._talking(f"closing the consumer of {self._queue.name!r}"):
             await self._channel.close()
 
