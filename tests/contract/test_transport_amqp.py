@@ -116,10 +116,14 @@ class TestAmqpTransport(TransportContract):
         self.exchange = unique_exchange()
         self.opened: list[AmqpTransport] = []
         yield
+        for t in self.opened:  # those a test opened with options (closing twice is fine)
+            with contextlib.suppress(Exception):
+                await t.close()
         await delete_declared(self.opened)
 
-    async def connect(self) -> Transport:
-        t = AmqpTransport(amqp_url(self.exchange))
+    async def connect(self, **options: object) -> AmqpTransport:
+        """A new transport on the test's exchange (URL ``options`` added), closed after the test."""
+        t = AmqpTransport(amqp_url(self.exchange, **options))
         await t.open(SystemClock())
         self.opened.append(t)
         return t
@@ -209,9 +213,7 @@ class TestAmqpTransport(TransportContract):
     ) -> None:
         # RabbitMQ dead-letters it into :dlq; the transport hands it back to its group,
         # its delivery count carried on, for the runtime to dead-letter into the store.
-        t = AmqpTransport(amqp_url(self.exchange, delivery_limit=2))
-        await t.open(SystemClock())
-        self.opened.append(t)
+        t = await self.connect(delivery_limit=2)
         try:
             sub = await t.subscribe(names["g1"], [names["route"]], lease=10)
             poison = outgoing(names["route"], 13)
@@ -234,9 +236,7 @@ class TestAmqpTransport(TransportContract):
         # What cannot go back to a service is parked in :parked (nobody consumes it), never
         # dropped and never cycled for ever: one from no service queue, one from a service
         # whose queue is gone, one handed back three times already.
-        t = AmqpTransport(amqp_url(self.exchange))
-        await t.open(SystemClock())
-        self.opened.append(t)
+        t = await self.connect()
         parked: list[AbstractIncomingMessage] = []
 
         async def all_parked() -> bool:
@@ -339,9 +339,7 @@ class TestAmqpTransport(TransportContract):
     ) -> None:
         # Timed out while the connection's write queue stays full: its delivery tags are
         # taken back, so the confirms of the next publishes still reach their own callers.
-        t = AmqpTransport(amqp_url(self.exchange, timeout=0.5))
-        await t.open(SystemClock())
-        self.opened.append(t)
+        t = await self.connect(timeout=0.5)
         try:
             sub = await t.subscribe(names["g1"], [names["route"]], lease=10)
             channel = await t._publisher.get_underlay_channel()  # type: ignore[union-attr]
@@ -440,9 +438,7 @@ class TestAmqpTransport(TransportContract):
 
     async def test_a_message_over_max_body_is_refused_before_anything_is_sent(self, names: dict[str, str]) -> None:
         # RabbitMQ would close the publishing channel on it, failing the whole batch.
-        t = AmqpTransport(amqp_url(self.exchange, max_body=1000))
-        await t.open(SystemClock())
-        self.opened.append(t)
+        t = await self.connect(max_body=1000)
         try:
             assert t.body_limit() == 1000
             await t.declare(names["g1"], [names["route"]])
@@ -479,9 +475,7 @@ class TestAmqpTransport(TransportContract):
     ) -> None:
         # RabbitMQ's cost and the client's are per AMQP message: ten messages published
         # together are one (``pack=1``: ten), and come out as ten, in order.
-        t = AmqpTransport(amqp_url(self.exchange, pack=pack))
-        await t.open(SystemClock())
-        self.opened.append(t)
+        t = await self.connect(pack=pack)
         try:
             await t.declare(names["g1"], [names["route"]])
             await t.publish([outgoing(names["route"], n) for n in range(10)])
@@ -601,9 +595,7 @@ class TestAmqpTransport(TransportContract):
         # As in a resource alarm (RabbitMQ blocks publishers): putting back what of a pack
         # is unsettled never gets through. Close gives up after 2 timeouts; the channel's
         # close gives the pack back whole (the inbox would drop the acked one).
-        t = AmqpTransport(amqp_url(self.exchange, timeout=0.5))
-        await t.open(SystemClock())
-        self.opened.append(t)
+        t = await self.connect(timeout=0.5)
         try:
             sub = await t.subscribe(names["g1"], [names["route"]], lease=10)
             await t.publish([outgoing(names["route"], n) for n in range(3)])
@@ -625,9 +617,7 @@ class TestAmqpTransport(TransportContract):
             await t.close()
 
     async def test_a_dead_lettered_pack_goes_back_to_its_group_message_by_message(self) -> None:
-        t = AmqpTransport(amqp_url(self.exchange))
-        await t.open(SystemClock())
-        self.opened.append(t)
+        t = await self.connect()
         bodies = [outgoing("event.x", n).body for n in range(3)]
         death = {"count": 1, "reason": "delivery_limit", "exchange": self.exchange, "routing-keys": ["event.x"]}
         try:
@@ -674,9 +664,7 @@ class TestAmqpTransport(TransportContract):
         self, caplog: pytest.LogCaptureFixture, names: dict[str, str]
     ) -> None:
         caplog.set_level(logging.DEBUG)
-        t = AmqpTransport(amqp_url(self.exchange))
-        await t.open(SystemClock())
-        self.opened.append(t)
+        t = await self.connect()
         sub = await t.subscribe(names["g1"], [names["route"]], lease=LEASE)
         await t.publish([outgoing(names["route"], 1)])
         await drain(sub, 1)
