@@ -19,7 +19,8 @@ publish - are published by the relay loop of any process sharing the store:
 * **One bad row does not hold up the others.** A row the bus would never take (larger
   than its limit, or a route too long: the runtime refuses such messages before storing
   them, so only one stored before a limit was lowered) is not sent but kept, retried
-  with backoff, an error logged each time: raise the limit and it goes. When a batch
+  with backoff, an error logged at its 1st, 2nd, 4th, 8th ... try: raise the limit and
+  it goes (a route too long for the bus cannot go: delete its ``ip_outbox`` row). When a batch
   fails, its rows are published one by one: those the broker takes are done, only the
   ones it refuses wait for their retry (a Redis key of the wrong type). Two refusals in
   a row look like the broker is down: the rest of the batch then waits too.
@@ -97,12 +98,14 @@ class OutboxRelay:
                 continue
             if (why := rt.too_large([out])) is not None:  # sent, it would fail its batch: kept aside
                 self.kept += 1
-                log.error("outbox: message %s to %s is kept, not published (attempt %d): %s", row.msg_id, row.route,
-                          row.attempts, why)
+                loud = (row.attempts & (row.attempts - 1)) == 0  # attempts 1, 2, 4, 8 ...: not every minute
+                log.log(logging.ERROR if loud else logging.DEBUG, "outbox: message %s to %s is kept, not published "
+                        "(attempt %d): %s", row.msg_id, row.route, row.attempts, why)
                 failed.append(row)
                 continue
             batch.append((row, out))
         done, refused = await self._publish(batch, now + grace)
+        full = len(rows) == BATCH and not refused  # rows kept aside are due later: the next claim skips them
         failed.extend(refused)
         if done:
             store.outbox_done([row.id for row in done])
@@ -112,7 +115,7 @@ class OutboxRelay:
             later = rt.clock.now()
             retries = [(row.id, row.attempts, later + self.backoff(row.attempts)) for row in failed]
             await store.outbox_retry(retries)
-        return len(done), len(rows) == BATCH and not failed
+        return len(done), full
 
     async def _publish(
         self, batch: list[tuple[OutboxRow, Outgoing]], hold_until: float

@@ -331,9 +331,11 @@ class AmqpTransport(Transport):
                                           return_exceptions=True)  # side by side: each may wait on RabbitMQ
             await self._rescue.close()
             await self._publishes.drain(self.options.timeout)  # publishes under way are confirmed
-            for result in closed:
-                if isinstance(result, BaseException):
-                    raise result
+            errors = [result for result in closed if isinstance(result, BaseException)]
+            for error in errors[1:]:
+                log.warning("closing a consumer failed: %s", error)
+            if errors:
+                raise errors[0]
         finally:
             connection, self._connection = self._connection, None
             if connection is not None:
@@ -1184,7 +1186,7 @@ class _AmqpSubscription(Subscription):
                             await self._queue.cancel(self._consumer_tag)
         except TimeoutError:
             self._acks.cancel()
-            log.warning("%s: settling what was under way took over %.0f s; closing the channel gives it back",
+            log.warning("%s: settling what was under way took over %.1f s; closing the channel gives it back",
                         self.group, _CLOSE_GRACE * timeout)
         async with self.transport._talking(f"closing the consumer of {self._queue.name!r}"):
             await self._channel.close()
