@@ -456,11 +456,9 @@ class AmqpTransport(Transport):
                 ``timeout`` (ambiguous for every caller in it: retry with the same
                 message ids).
         """
-        for out in batch:
-            if len(out.body) > self.options.max_body:
-                raise TransportError(
-                    f"message for {out.route!r} too large: {len(out.body)} bytes, over max_body="
-                    f"{self.options.max_body} (RabbitMQ's max_message_size; or publish a reference to the data)")
+        for out in batch:  # checked again per message below; here, so that none of the batch goes
+            if (error := self._too_large(out.route, out.body)) is not None:
+                raise error
         now = self._clock.now()
         later = [out for out in batch if out.visible_at is not None and out.visible_at > now]
         for out in later:
@@ -526,8 +524,8 @@ class AmqpTransport(Transport):
         """
         self._ready()
         assert self._publisher is not None
-        limit = self.options.max_body  # a larger one RabbitMQ answers by closing the channel: it fails alone
-        fits = [item for item in items if len(item[1]) <= limit]
+        limits = [self._too_large(key, body) for key, body, _, _ in items]  # such a one fails alone
+        fits = [item for item, error in zip(items, limits, strict=True) if error is None]
         answers: list[Any] = []
         if fits:
             async with self._talking(f"{what} to {exchange!r}"):
@@ -542,8 +540,15 @@ class AmqpTransport(Transport):
                                 for key, body, headers, kind in fits]
                 answers = await asyncio.gather(*confirms, return_exceptions=True)
         fitting = iter(answers)
-        return [next(fitting) if len(body) <= limit else TransportError(
-            f"message for {key!r} too large: {len(body)} bytes, over max_body={limit}") for key, body, _, _ in items]
+        return [next(fitting) if error is None else error for error in limits]
+
+    def _too_large(self, key: str, body: bytes) -> TransportError | None:
+        """The error for a body over ``max_body`` (RabbitMQ would close the channel on it), or None."""
+        if len(body) <= self.options.max_body:
+            return None
+        return TransportError(f"message for {key!r} too large: {len(body)} bytes, over max_body="
+                              f"{self.options.max_body} (RabbitMQ's max_message_size; or publish a reference "
+                              "to the data)")
 
     def _note_unroutable(self, route: str, fanout: int) -> None:
         # Nobody bound to the route means no subscriber: on every bus such a message
@@ -926,10 +931,9 @@ class _AmqpSubscription(Subscription):
         """``n`` messages of ``pack`` are settled; ack it with the last. (If that ack fails, a
         later ``multiple`` ack may cover it; else the pack comes back when the channel
         closes, and is split: the inbox drops what was handled.)"""
-        pack.left -= n
-        if pack.left == 0:
+        if (done := _settled_in(pack, n)) is not None:
             try:
-                await self._acks.submit([pack.message])
+                await self._acks.submit([done])
             except TransportError as exc:
                 log.info("%s: acking a pack whose messages are settled failed: %s", self.group, exc)
 
@@ -1076,10 +1080,8 @@ class _AmqpSubscription(Subscription):
                 continue
             if held.pack is None:
                 messages.append(held.message)
-            else:
-                held.pack.left -= 1
-                if held.pack.left == 0:
-                    messages.append(held.message)
+            elif (done := _settled_in(held.pack, 1)) is not None:
+                messages.append(done)
         if messages:
             await self._acks.submit(messages)
 
@@ -1190,6 +1192,12 @@ class _AmqpSubscription(Subscription):
                         self.group, _CLOSE_GRACE * timeout)
         async with self.transport._talking(f"closing the consumer of {self._queue.name!r}"):
             await self._channel.close()
+
+
+def _settled_in(pack: _Pack, n: int) -> AbstractIncomingMessage | None:
+    """Count ``n`` more messages of ``pack`` settled; the pack to ack if that was the last."""
+    pack.left -= n
+    return pack.message if pack.left == 0 else None
 
 
 def _so_far(message: AbstractIncomingMessage, *, delivered: bool = False) -> dict[str, Any]:
